@@ -1,0 +1,27 @@
+"""attnres-compile: turn pre-norm transformers into Block Attention Residuals transformers.
+
+    model = attnres_compile.prepare(model, example_inputs)      # zero-init queries
+    model = torch.compile(model, backend="attnres")              # rewrite + Inductor
+    report = attnres_compile.verify(model, example_inputs)        # numerics vs eager
+"""
+
+import logging
+
+from .config import AttnResConfig  # first: the passes import it
+
+from .backend import AttnResBackend, attnres_backend
+from .prepare import prepare
+from .queries import AttnResQueries
+from .verify import VerifyReport, verify
+
+logging.getLogger("attnres_compile").addHandler(logging.NullHandler())
+
+__all__ = [
+    "AttnResBackend",
+    "AttnResConfig",
+    "AttnResQueries",
+    "VerifyReport",
+    "attnres_backend",
+    "prepare",
+    "verify",
+]

@@ -1,0 +1,143 @@
+"""The ``torch.compile`` backend: Dynamo graph → Block AttnRes rewrite → Inductor.
+
+``torch.compile(model, backend="attnres")`` finds :data:`attnres_backend` through
+the ``torch_dynamo_backends`` entry point. :class:`AttnResBackend` with options
+(a config for unprepared models, ``inductor=False`` for the eager rewritten
+reference) is the same thing, configurable.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
+from attnres_compile.passes import Plan, apply_plan, plan_graph
+
+from .config import AttnResConfig
+from .queries import QueryBinding, strip_query_marker
+
+log = logging.getLogger("attnres_compile")
+_logged_once: set[str] = set()
+
+
+def _log_once(level: int, message: str, *args) -> None:
+    key = message % args
+    if key not in _logged_once:
+        _logged_once.add(key)
+        log.log(level, message, *args)
+
+
+def parameter_nodes(gm: fx.GraphModule, example_inputs: Sequence) -> set[fx.Node]:
+    """Graph nodes that stand for ``nn.Parameter``s (Dynamo lifts them to placeholders)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {n for n, value in zip(placeholders, example_inputs) if isinstance(value, nn.Parameter)}
+    named = dict(gm.named_parameters())
+    params |= {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in named}
+    return params
+
+
+def graph_break_reason(gm: fx.GraphModule) -> Optional[str]:
+    """Why this graph is only part of a frame (a graph break), or None if it is whole."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is not None and getattr(reason, "graph_break", False):
+        return f"graph ends at a graph break: {reason.reason}"
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        code_name = InstructionTranslator.current_tx().f_code.co_name
+    except Exception:  # not under Dynamo (a hand-made graph) or an internal API moved
+        return None
+    if code_name.startswith("torch_dynamo_resume_in"):
+        return f"graph resumes after a graph break ({code_name})"
+    return None
+
+
+def _zero_queries(gm: fx.GraphModule, plan: Plan) -> list[fx.Node]:
+    """Zero queries made inside the graph, for an unprepared model (not trainable).
+
+    Built by an op rather than held as a buffer: Dynamo's graph may only take
+    tensors that it lifted itself from the user's module.
+    """
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    nodes = []
+    for stream in plan.streams:
+        b0 = next(n for n in gm.graph.nodes if n.name == stream.source)
+        value = b0.meta.get("val", b0.meta.get("example_value"))
+        device = value.device if isinstance(value, torch.Tensor) else None
+        with gm.graph.inserting_before(first):
+            nodes.append(
+                gm.graph.call_function(
+                    torch.ops.aten.zeros.default, ([stream.num_queries, stream.width],),
+                    {"dtype": torch.float32, "device": device},
+                )
+            )
+    return nodes
+
+
+def _query_mismatch(binding: QueryBinding, plan: Plan) -> Optional[str]:
+    shapes = [tuple(n.meta["example_value"].shape) if "example_value" in n.meta else None for n in binding.nodes]
+    expected = list(plan.query_shapes)
+    if len(shapes) != len(expected) or any(s is not None and s != e for s, e in zip(shapes, expected)):
+        return (
+            f"the model's queries have shapes {shapes} but this graph needs {expected} "
+            "(one [layers + 1, d] matrix per stream): the graph differs from the one prepare() traced"
+        )
+    return None
+
+
+class AttnResBackend:
+    """A ``torch.compile`` backend that rewrites residual streams into Block AttnRes.
+
+    Parameters
+    ----------
+    config:
+        Used for models that were not prepared (a prepared model carries its own).
+    inductor:
+        Compile the rewritten graph with Inductor (default). ``False`` runs it
+        eagerly: the readable reference that ``verify`` compares against.
+    """
+
+    def __init__(self, config: Optional[AttnResConfig] = None, *, inductor: bool = True):
+        self.config = config
+        self.inductor = inductor
+        self.plans: list[Plan] = []  # one per rewritten graph, in compile order
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        binding = strip_query_marker(gm)
+        config = binding.config if binding is not None else (self.config or AttnResConfig())
+        plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), config)
+        if not plan.streams:
+            _log_once(logging.INFO, "attnres: no residual stream in this graph, running it unchanged (eager)\n%s", plan.summary())
+            return gm.forward
+        broken = graph_break_reason(gm)
+        if broken is not None:
+            log.warning(
+                "attnres: %s; the layer stack is split across graphs, so this graph runs unchanged "
+                "(eager) rather than rewrite half a stream", broken,
+            )
+            return gm.forward
+        if binding is None:
+            _log_once(logging.INFO, "attnres: model was not prepared: using zero, non-trainable queries (call attnres_compile.prepare to train them)")
+            queries = _zero_queries(gm, plan)
+        else:
+            mismatch = _query_mismatch(binding, plan)
+            if mismatch is not None:
+                log.error("attnres: %s; this graph runs unchanged (eager)", mismatch)
+                return gm.forward
+            queries = binding.nodes
+        apply_plan(gm, plan, queries, config.scale)
+        self.plans.append(plan)
+        log.info("attnres: rewrote graph\n%s", plan.summary())
+        if not self.inductor:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+
+attnres_backend = AttnResBackend()

@@ -1,0 +1,101 @@
+"""``prepare``: trace a model once and give it trainable, zero-initialized queries."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from attnres_compile.passes import Plan, plan_graph
+
+from .backend import graph_break_reason, parameter_nodes
+from .config import AttnResConfig
+from .queries import AttnResForward, AttnResQueries
+
+log = logging.getLogger("attnres_compile")
+
+
+def _model_device(model: nn.Module) -> Optional[torch.device]:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else None
+
+
+def trace_plans(
+    model: nn.Module, example_inputs: tuple, example_kwargs: dict, config: AttnResConfig
+) -> list[tuple[Plan, Optional[str]]]:
+    """Run the model once under Dynamo; plan every graph it produces.
+
+    Returns one ``(plan, graph_break_reason)`` per graph, in compile order. The
+    random-number state is restored so preparing does not shift a training run.
+    """
+    results: list[tuple[Plan, Optional[str]]] = []
+
+    def capture(gm, graph_inputs):
+        results.append((plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), config), graph_break_reason(gm)))
+        return gm.forward
+
+    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.compile(model, backend=capture)(*example_inputs, **example_kwargs)
+    return results
+
+
+def _stack_plan(model: nn.Module, traced: list[tuple[Plan, Optional[str]]]) -> Optional[Plan]:
+    """The one graph holding the whole layer stack, or None (with the reason logged)."""
+    with_streams = [(plan, broken) for plan, broken in traced if plan.streams]
+    name = type(model).__name__
+    if not with_streams:
+        notes = "\n".join(plan.summary() for plan, _ in traced)
+        log.warning(
+            "attnres: %s has no residual stream a Block AttnRes rewrite can read (no add x + f(x) whose "
+            "branch reads x through a norm and has a weight; post-norm models such as BERT normalize "
+            "after the add). Model left untouched.\n%s", name, notes,
+        )
+        return None
+    breaks = [broken for _, broken in traced if broken]
+    if len(with_streams) > 1 or any(broken for _, broken in with_streams):
+        log.error(
+            "attnres: graph breaks split the layer stack of %s across %d graphs (%s). Block AttnRes needs "
+            "the stack in one graph; model left untouched.", name, len(traced), "; ".join(breaks) or "no reason recorded",
+        )
+        return None
+    return with_streams[0][0]
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: tuple = (),
+    config: Optional[AttnResConfig] = None,
+    *,
+    example_kwargs: Optional[dict[str, Any]] = None,
+) -> nn.Module:
+    """Give ``model`` the zero-initialized queries of Block AttnRes, in place.
+
+    Traces the model once on ``example_inputs`` to find its residual streams,
+    then adds ``model.attnres`` (an :class:`AttnResQueries`; state-dict keys
+    ``attnres.streams.<k>``) and a ``forward`` wrapper that carries the queries into
+    ``torch.compile(model, backend="attnres")``. Build the optimizer afterwards.
+    A model with no readable stream is returned untouched, with a logged reason.
+
+    Returns the same ``model`` object.
+    """
+    config = config or AttnResConfig()
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"prepare: example_inputs must be a tuple of positional args, got {type(example_inputs).__name__}")
+    existing = getattr(model, "attnres", None)
+    if isinstance(existing, AttnResQueries):
+        if existing.config != config:
+            raise ValueError(f"prepare: model is already prepared with {existing.config}, not {config}")
+        log.info("attnres: model already prepared; nothing to do")
+        return model
+    plan = _stack_plan(model, trace_plans(model, example_inputs, example_kwargs or {}, config))
+    if plan is None:
+        return model
+    queries = AttnResQueries(list(plan.query_shapes), config, device=_model_device(model))
+    queries.plan = plan
+    model.attnres = queries
+    model.forward = AttnResForward(model)
+    log.info("attnres: prepared %s\n%s", type(model).__name__, plan.summary())
+    return model

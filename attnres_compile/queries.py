@@ -1,0 +1,140 @@
+"""The learned queries on the user's model, and how they reach the compiled graph.
+
+``prepare`` attaches an :class:`AttnResQueries` submodule (``model.attnres``) and
+an :class:`AttnResForward` that passes the model's first tensor input through
+``attnres::bind_queries(x, queries, config)``. Dynamo traces that call, so the
+query parameters arrive at the backend as graph inputs; the backend reads the
+queries and the config off the node and removes it (:func:`strip_query_marker`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .config import AttnResConfig
+
+log = logging.getLogger("attnres_compile")
+
+
+@torch.library.custom_op("attnres::bind_queries", mutates_args=())
+def bind_queries(x: Tensor, queries: list[Tensor], config: str) -> Tensor:
+    """Identity on ``x`` that makes ``queries`` visible to Dynamo.
+
+    Run eagerly (outside ``torch.compile(..., backend="attnres")``) the model is
+    the plain one; that is only right while the queries are zero, so trained
+    queries make an eager call fail instead of silently ignoring them.
+    """
+    if any(bool(q.count_nonzero()) for q in queries):
+        raise RuntimeError(
+            "this model was prepared for Block AttnRes and its attnres queries are non-zero: "
+            "it only computes Block AttnRes when compiled, e.g. torch.compile(model, backend='attnres'); "
+            "running it eagerly would silently drop the queries"
+        )
+    return x.clone()
+
+
+@bind_queries.register_fake
+def _bind_queries_fake(x: Tensor, queries: list[Tensor], config: str) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _bind_queries_backward(ctx: Any, grad: Tensor):
+    return grad, None, None
+
+
+bind_queries.register_autograd(_bind_queries_backward)
+
+
+class AttnResQueries(nn.Module):
+    """The pseudo-queries of every residual stream, zero-initialized.
+
+    ``streams[k]`` is stream k's ``[L_k + 1, d_k]`` matrix: one row per layer in
+    execution order, the final read's row last. Kept in fp32 whatever the model
+    dtype: they are tiny and the read's softmax runs in fp32.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]], config: AttnResConfig, device=None):
+        super().__init__()
+        self.streams = nn.ParameterList(
+            nn.Parameter(torch.zeros(rows, width, device=device, dtype=torch.float32)) for rows, width in shapes
+        )
+        self.config = config
+        # Serialized once here: the marker call that carries it is traced by Dynamo.
+        self.config_json = json.dumps(config.to_dict(), sort_keys=True)
+        self.plan = None  # the passes' Plan from prepare, for inspection
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}"
+
+
+class AttnResForward:
+    """Stands in for a prepared model's ``forward``: binds the queries, then runs the real one.
+
+    An instance attribute rather than a forward pre-hook because ``torch.compile``
+    runs a compiled module's hooks outside the traced frame, where the queries
+    would never reach the graph. Picklable and deep-copyable with its model, and
+    it reports the original signature (``transformers`` inspects it).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _bind_first_tensor(self.module, args, kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+def _bind_first_tensor(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    queries: AttnResQueries = module.attnres
+    bound = list(queries.streams)
+    for i, arg in enumerate(args):
+        if isinstance(arg, Tensor):
+            return args[:i] + (bind_queries(arg, bound, queries.config_json),) + args[i + 1:], kwargs
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor):
+            return args, {**kwargs, key: bind_queries(value, bound, queries.config_json)}
+    raise TypeError(
+        f"{type(module).__name__} was prepared for Block AttnRes, which needs a tensor argument "
+        "to carry its queries into the graph; the call passed none"
+    )
+
+
+@dataclass
+class QueryBinding:
+    """What a stripped marker told the backend."""
+
+    nodes: list[fx.Node]
+    config: AttnResConfig
+
+
+def _is_marker(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (
+        torch.ops.attnres.bind_queries.default,
+        torch.ops.attnres.bind_queries,
+    )
+
+
+def strip_query_marker(gm: fx.GraphModule) -> Optional[QueryBinding]:
+    """Remove every ``bind_queries`` node; return the queries and config of the first."""
+    binding = None
+    for node in [n for n in gm.graph.nodes if _is_marker(n)]:
+        x, queries, config = node.args[:3]
+        if binding is None:
+            binding = QueryBinding(list(queries), AttnResConfig.from_dict(json.loads(config)))
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+    if binding is not None:
+        gm.recompile()
+    return binding

@@ -1,0 +1,212 @@
+"""``verify``: numerics of the rewrite against eager PyTorch, forward and backward.
+
+Two checks, each on outputs and on the gradients of a fixed random projection
+of the outputs:
+
+(a) zero-init identity — the compiled rewritten model with zero queries against
+    the original eager model (gradients of every original parameter);
+(b) kernel check — random queries, the compiled rewritten model against the
+    eager rewritten reference (gradients of every parameter, queries included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .backend import AttnResBackend
+from .config import AttnResConfig
+from .prepare import prepare
+from .queries import AttnResQueries
+
+log = logging.getLogger("attnres_compile")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    check: str
+    name: str
+    max_abs: float
+    max_rel: float  # max |a - b| / max |b|
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    rtol: float = 1e-5
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.comparisons) and all(c.ok for c in self.comparisons) and not self.failures
+
+    @property
+    def failures(self) -> list[str]:
+        return [n for n in self.notes if n.startswith("FAIL")]
+
+    def worst(self, check: str) -> float:
+        return max((c.max_rel for c in self.comparisons if c.check == check), default=math.nan)
+
+    def __str__(self) -> str:
+        width = max((len(c.name) for c in self.comparisons), default=10)
+        lines = [f"attnres verify: {'OK' if self.ok else 'FAILED'} (rel tol {self.rtol:g})"]
+        check = None
+        for c in self.comparisons:
+            if c.check != check:
+                check = c.check
+                lines.append(f"  {check}:")
+                lines.append(f"    {'':{width}}  {'max abs':>10}  {'max rel':>10}")
+            mark = "" if c.ok else "  <-- over tolerance"
+            lines.append(f"    {c.name:{width}}  {c.max_abs:10.3e}  {c.max_rel:10.3e}{mark}")
+        lines.extend(f"  {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _compare(check: str, name: str, got: list[torch.Tensor], want: list[torch.Tensor], rtol: float) -> Comparison:
+    max_abs = max((float((g.double() - w.double()).abs().max()) for g, w in zip(got, want) if w.numel()), default=0.0)
+    scale = max((float(w.double().abs().max()) for w in want if w.numel()), default=0.0)
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    return Comparison(check, name, max_abs, max_rel, ok=max_rel <= rtol)
+
+
+def _group_name(param_name: str) -> str:
+    """``model.layers.3.mlp.up.weight`` → ``model.layers.*.mlp.up.weight``."""
+    return re.sub(r"\.\d+\.", ".*.", param_name)
+
+
+def _float_tensors(outputs: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(outputs)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _run(model_fn, model: nn.Module, args: tuple, kwargs: dict, projections: list[torch.Tensor]):
+    """Outputs and parameter gradients of ``sum_k <out_k, R_k>`` (fixed random R_k)."""
+    model.zero_grad(set_to_none=True)
+    outputs = _float_tensors(model_fn(*args, **kwargs))
+    loss = sum((o.float() * r).sum() for o, r in zip(outputs, projections))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [o.detach() for o in outputs], grads
+
+
+def _projections(model: nn.Module, args: tuple, kwargs: dict, seed: int) -> list[torch.Tensor]:
+    with torch.no_grad():
+        outputs = _float_tensors(model(*args, **kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=gen).to(o.device) for o in outputs]
+
+
+@contextlib.contextmanager
+def _queries_set_to(queries: AttnResQueries, values: list[torch.Tensor]):
+    saved = [q.detach().clone() for q in queries.streams]
+    with torch.no_grad():
+        for q, v in zip(queries.streams, values):
+            q.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for q, v in zip(queries.streams, saved):
+                q.copy_(v)
+
+
+def _compare_runs(report, check, got, want, param_names, rtol):
+    out_got, grad_got = got
+    out_want, grad_want = want
+    for i, (g, w) in enumerate(zip(out_got, out_want)):
+        report.comparisons.append(_compare(check, f"output {i} {tuple(w.shape)}", [g], [w], rtol))
+    if len(out_got) != len(out_want):
+        report.notes.append(f"FAIL {check}: {len(out_got)} outputs vs {len(out_want)}")
+    groups: dict[str, list[str]] = {}
+    for name in param_names:
+        groups.setdefault(_group_name(name), []).append(name)
+    for group, names in groups.items():
+        missing = [n for n in names if (n in grad_want) != (n in grad_got)]
+        if missing:
+            report.notes.append(f"FAIL {check}: gradient present on one side only for {missing[:3]}")
+            continue
+        names = [n for n in names if n in grad_want]
+        if names:
+            report.comparisons.append(
+                _compare(check, f"grad {group}", [grad_got[n] for n in names], [grad_want[n] for n in names], rtol)
+            )
+
+
+def _compiled(model: nn.Module, backend: AttnResBackend):
+    return torch.compile(model, backend=backend)
+
+
+def verify(
+    model: nn.Module,
+    example_inputs: tuple,
+    config: Optional[AttnResConfig] = None,
+    *,
+    example_kwargs: Optional[dict[str, Any]] = None,
+    rtol: float = 1e-5,
+    seed: int = 0,
+) -> VerifyReport:
+    """Check the rewrite's numerics on ``example_inputs``; see the module docstring.
+
+    An unprepared model is checked on a prepared deep copy. The model runs in
+    eval mode (dropout off) during the checks; its queries and mode are restored.
+    Returns a :class:`VerifyReport`; ``report.ok`` is the verdict, ``str(report)``
+    the table of max abs / max rel errors per output and gradient group.
+    """
+    kwargs = example_kwargs or {}
+    report = VerifyReport(rtol=rtol)
+    if not isinstance(getattr(model, "attnres", None), AttnResQueries):
+        model = prepare(copy.deepcopy(model), example_inputs, config, example_kwargs=kwargs)
+        if not isinstance(getattr(model, "attnres", None), AttnResQueries):
+            report.notes.append("FAIL: the model has no residual stream to rewrite (see the log)")
+            return report
+    queries: AttnResQueries = model.attnres
+    was_training = model.training
+    model.eval()
+    try:
+        _verify_prepared(model, queries, example_inputs, kwargs, rtol, seed, report)
+    finally:
+        model.train(was_training)
+    log.info("%s", report)
+    return report
+
+
+def _verify_prepared(model, queries, args, kwargs, rtol, seed, report) -> None:
+    original = [n for n, _ in model.named_parameters() if not n.startswith("attnres.")]
+    everything = [n for n, _ in model.named_parameters()]
+    zeros = [torch.zeros_like(q) for q in queries.streams]
+    gen = torch.Generator().manual_seed(seed)
+    # Scores s = w . rmsnorm(v) with |rmsnorm(v)| ~ sqrt(d): rows of std 1/sqrt(d) give O(1) scores.
+    random = [torch.randn(q.shape, generator=gen).div(math.sqrt(q.shape[-1])).to(q.device) for q in queries.streams]
+
+    with _queries_set_to(queries, zeros):
+        projections = _projections(model, args, kwargs, seed)
+        eager = _run(model, model, args, kwargs, projections)
+        backend = AttnResBackend()
+        compiled = _run(_compiled(model, backend), model, args, kwargs, projections)
+    _require_rewrite(report, backend, "zero-init identity")
+    _compare_runs(report, "zero-init identity (compiled rewrite vs eager original)", compiled, eager, original, rtol)
+
+    with _queries_set_to(queries, random):
+        reference_backend = AttnResBackend(inductor=False)
+        reference = _run(_compiled(model, reference_backend), model, args, kwargs, projections)
+        backend = AttnResBackend()
+        compiled = _run(_compiled(model, backend), model, args, kwargs, projections)
+    _require_rewrite(report, reference_backend, "eager rewritten reference")
+    _require_rewrite(report, backend, "random-query compile")
+    _compare_runs(report, "random queries (compiled vs eager rewritten reference)", compiled, reference, everything, rtol)
+
+
+def _require_rewrite(report: VerifyReport, backend: AttnResBackend, what: str) -> None:
+    """A check whose backend never rewrote a graph would compare the plain model with itself."""
+    if not backend.plans:
+        report.notes.append(f"FAIL {what}: the backend rewrote no graph (Dynamo fell back or the stream was not found)")

@@ -1,0 +1,321 @@
+"""The Block AttnRes reads as ``torch.library`` ops (namespace ``attnres``).
+
+Ops (schemas are pinned; the passes find the reads by these names)::
+
+    attnres::read(Tensor[] sources, Tensor query, float eps, float scale) -> Tensor
+    attnres::read_backward(Tensor grad, Tensor[] sources, Tensor query, float eps,
+                           float scale) -> Tensor[]            # [*grad_sources, grad_query]
+    attnres::block_read(Tensor[] sources, Tensor queries, float eps) -> (Tensor, Tensor)
+    attnres::block_read_backward(Tensor grad_o, Tensor grad_lse, Tensor[] sources,
+                                 Tensor queries, float eps) -> Tensor[]
+                                                               # [*grad_sources, grad_queries]
+    attnres::merge(Tensor o, Tensor lse, Tensor? partial, Tensor query, float eps,
+                   float scale) -> Tensor
+    attnres::merge_backward(Tensor grad, Tensor o, Tensor lse, Tensor? partial,
+                            Tensor query, float eps, float scale) -> Tensor[]
+                                          # [grad_o, grad_lse, (grad_partial,) grad_query]
+
+Each op is a ``torch.library.triton_op``: eager calls run the body; under
+``torch.compile`` AOTAutograd decomposes the op into its body, so Inductor sees
+(and fuses) what is inside it -- the PyTorch reference on CPU (compiled to
+C++), ``wrap_triton`` kernels on CUDA once they exist -- while ``torch.export``
+keeps each op as one node. The body also serves as the fake kernel, so it must
+stay traceable under FakeTensor and symbolic shapes: no ``.item()``, no
+data-dependent control flow. Each forward op has ``register_autograd`` whose
+backward is the matching ``*_backward`` op, so the backward is one node too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["attnres_block_read", "attnres_merge", "attnres_read"]
+
+DEFAULT_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------
+# Input validation (shape/dtype only: safe on fake and symbolic tensors)
+# --------------------------------------------------------------------------
+
+
+def _check_floating(op: str, name: str, t: Tensor) -> None:
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_sources(op: str, sources: Sequence[Tensor]) -> None:
+    """All sources: non-empty list, one shape, one dtype, one device, floating, dim >= 1."""
+    if len(sources) == 0:
+        raise ValueError(f"{op}: sources must be a non-empty list of tensors")
+    first = sources[0]
+    _check_floating(op, "sources[0]", first)
+    if first.dim() == 0:
+        raise ValueError(f"{op}: sources must have a hidden dim d, got a 0-d tensor")
+    for i, v in enumerate(sources[1:], start=1):
+        if v.dtype != first.dtype:
+            raise ValueError(
+                f"{op}: all sources must have one dtype; sources[0] is {first.dtype}, "
+                f"sources[{i}] is {v.dtype}"
+            )
+        if v.shape != first.shape:
+            raise ValueError(
+                f"{op}: all sources must have one shape; sources[0] is {tuple(first.shape)}, "
+                f"sources[{i}] is {tuple(v.shape)}"
+            )
+        if v.device != first.device:
+            raise ValueError(
+                f"{op}: all sources must be on one device; sources[0] is on {first.device}, "
+                f"sources[{i}] is on {v.device}"
+            )
+
+
+def _check_query(op: str, name: str, query: Tensor, d: object, like: Tensor, rows: bool) -> None:
+    """A query ``[d]`` (``rows=False``) or a query matrix ``[S, d]`` (``rows=True``)."""
+    _check_floating(op, name, query)
+    want = "[S, d]" if rows else "[d]"
+    if query.dim() != (2 if rows else 1):
+        raise ValueError(f"{op}: {name} must be {want}, got shape {tuple(query.shape)}")
+    if query.shape[-1] != d:
+        raise ValueError(
+            f"{op}: {name} must be {want} with d = {d} (the sources' last dim), "
+            f"got shape {tuple(query.shape)}"
+        )
+    if query.device != like.device:
+        raise ValueError(f"{op}: {name} is on {query.device}, the sources on {like.device}")
+
+
+def _check_like(op: str, name: str, t: Tensor, shape: object, like: Tensor, dtype: bool) -> None:
+    _check_floating(op, name, t)
+    if t.shape != shape:
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype and t.dtype != like.dtype:
+        raise ValueError(f"{op}: {name} must have dtype {like.dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {like.device}")
+
+
+def _check_merge(op: str, o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor) -> None:
+    _check_floating(op, "o", o)
+    if o.dim() == 0:
+        raise ValueError(f"{op}: o must have a hidden dim d, got a 0-d tensor")
+    _check_like(op, "lse", lse, o.shape[:-1], o, dtype=False)
+    if partial is not None:
+        _check_like(op, "partial", partial, o.shape, o, dtype=True)
+    _check_query(op, "query", query, o.shape[-1], o, rows=False)
+
+
+# --------------------------------------------------------------------------
+# Plain read
+# --------------------------------------------------------------------------
+
+
+@torch.library.triton_op("attnres::read", mutates_args=())
+def _read(sources: list[Tensor], query: Tensor, eps: float, scale: float) -> Tensor:
+    _check_sources("attnres::read", sources)
+    _check_query("attnres::read", "query", query, sources[0].shape[-1], sources[0], rows=False)
+    return reference.read_forward(sources, query, eps, scale)
+
+
+@torch.library.triton_op("attnres::read_backward", mutates_args=())
+def _read_backward(
+    grad: Tensor, sources: list[Tensor], query: Tensor, eps: float, scale: float
+) -> list[Tensor]:
+    grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
+    return [*grad_sources, grad_query]
+
+
+def _read_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    sources, query, eps, scale = inputs
+    ctx.save_for_backward(*sources, query)
+    ctx.eps, ctx.scale = eps, scale
+
+
+def _read_autograd(ctx, grad: Tensor):  # noqa: ANN001, ANN202
+    *sources, query = ctx.saved_tensors
+    grads = torch.ops.attnres.read_backward(grad, sources, query, ctx.eps, ctx.scale)
+    return list(grads[:-1]), grads[-1], None, None
+
+
+_read.register_autograd(_read_autograd, setup_context=_read_setup_context)
+
+
+# --------------------------------------------------------------------------
+# Phase 1: block read
+# --------------------------------------------------------------------------
+
+
+@torch.library.triton_op("attnres::block_read", mutates_args=())
+def _block_read(sources: list[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_sources("attnres::block_read", sources)
+    _check_query(
+        "attnres::block_read", "queries", queries, sources[0].shape[-1], sources[0], rows=True
+    )
+    return reference.block_read_forward(sources, queries, eps)
+
+
+@torch.library.triton_op("attnres::block_read_backward", mutates_args=())
+def _block_read_backward(
+    grad_o: Tensor, grad_lse: Tensor, sources: list[Tensor], queries: Tensor, eps: float
+) -> list[Tensor]:
+    grad_sources, grad_queries = reference.block_read_backward(
+        grad_o, grad_lse, sources, queries, eps
+    )
+    return [*grad_sources, grad_queries]
+
+
+def _block_read_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    sources, queries, eps = inputs
+    o, lse = output
+    ctx.save_for_backward(*sources, queries)
+    ctx.eps = eps
+    # Only metadata: a missing output grad becomes zeros of this shape/dtype.
+    ctx.o_meta = (o.shape, o.dtype, o.device)
+    ctx.lse_meta = (lse.shape, lse.dtype, lse.device)
+
+
+def _block_read_autograd(ctx, grad_o: Optional[Tensor], grad_lse: Optional[Tensor]):  # noqa: ANN001, ANN202
+    *sources, queries = ctx.saved_tensors
+    if grad_o is None:
+        shape, dtype, device = ctx.o_meta
+        grad_o = torch.zeros(shape, dtype=dtype, device=device)
+    if grad_lse is None:
+        shape, dtype, device = ctx.lse_meta
+        grad_lse = torch.zeros(shape, dtype=dtype, device=device)
+    grads = torch.ops.attnres.block_read_backward(grad_o, grad_lse, sources, queries, ctx.eps)
+    return list(grads[:-1]), grads[-1], None
+
+
+_block_read.register_autograd(_block_read_autograd, setup_context=_block_read_setup_context)
+
+
+# --------------------------------------------------------------------------
+# Phase 2: merge with the intra-block partial
+# --------------------------------------------------------------------------
+
+
+@torch.library.triton_op("attnres::merge", mutates_args=())
+def _merge(
+    o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
+) -> Tensor:
+    _check_merge("attnres::merge", o, lse, partial, query)
+    return reference.merge_forward(o, lse, partial, query, eps, scale)
+
+
+@torch.library.triton_op("attnres::merge_backward", mutates_args=())
+def _merge_backward(
+    grad: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    eps: float,
+    scale: float,
+) -> list[Tensor]:
+    grad_o, grad_lse, grad_partial, grad_query = reference.merge_backward(
+        grad, o, lse, partial, query, eps, scale
+    )
+    if grad_partial is None:
+        return [grad_o, grad_lse, grad_query]
+    return [grad_o, grad_lse, grad_partial, grad_query]
+
+
+def _merge_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    o, lse, partial, query, eps, scale = inputs
+    ctx.has_partial = partial is not None
+    ctx.save_for_backward(o, lse, query, *([partial] if partial is not None else []))
+    ctx.eps, ctx.scale = eps, scale
+
+
+def _merge_autograd(ctx, grad: Tensor):  # noqa: ANN001, ANN202
+    o, lse, query, *rest = ctx.saved_tensors
+    partial = rest[0] if ctx.has_partial else None
+    grads = torch.ops.attnres.merge_backward(grad, o, lse, partial, query, ctx.eps, ctx.scale)
+    if partial is None:
+        grad_o, grad_lse, grad_query = grads
+        grad_partial = None
+    else:
+        grad_o, grad_lse, grad_partial, grad_query = grads
+    return grad_o, grad_lse, grad_partial, grad_query, None, None
+
+
+_merge.register_autograd(_merge_autograd, setup_context=_merge_setup_context)
+
+
+# --------------------------------------------------------------------------
+# Python entry points
+# --------------------------------------------------------------------------
+
+
+def attnres_read(
+    sources: Sequence[Tensor], query: Tensor, eps: float = DEFAULT_EPS, scale: float = 1.0
+) -> Tensor:
+    """``h = scale * sum_i softmax_i(query . rmsnorm(v_i)) v_i`` via ``attnres::read``.
+
+    Parameters
+    ----------
+    sources : sequence of N Tensors [..., d], one shape and dtype
+    query : Tensor [d]
+    eps : float
+        Key-norm eps.
+    scale : float
+        1 for the paper's convex mix ("mean"), N for "count".
+
+    Returns
+    -------
+    h : Tensor [..., d], dtype of the sources.
+    """
+    return torch.ops.attnres.read(list(sources), query, float(eps), float(scale))
+
+
+def attnres_block_read(
+    sources: Sequence[Tensor], queries: Tensor, eps: float = DEFAULT_EPS
+) -> tuple[Tensor, Tensor]:
+    """Phase 1: every query of a block reads the completed sources, via ``attnres::block_read``.
+
+    Parameters
+    ----------
+    sources : sequence of N Tensors [..., d], one shape and dtype
+    queries : Tensor [S, d]
+    eps : float
+
+    Returns
+    -------
+    o : Tensor [S, ..., d], dtype of the sources (unscaled)
+    lse : Tensor [S, ...], fp32 (fp64 for fp64 inputs)
+    """
+    return torch.ops.attnres.block_read(list(sources), queries, float(eps))
+
+
+def attnres_merge(
+    o: Tensor,
+    lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    eps: float = DEFAULT_EPS,
+    scale: float = 1.0,
+) -> Tensor:
+    """Phase 2: fold the intra-block partial into one query's phase-1 read, via ``attnres::merge``.
+
+    Parameters
+    ----------
+    o : Tensor [..., d]
+        ``o[l]`` of :func:`attnres_block_read`.
+    lse : Tensor [...]
+        ``lse[l]`` of :func:`attnres_block_read`.
+    partial : Tensor [..., d] or None
+        Sum of the block's earlier branch outputs; None for a block's first layer.
+    query : Tensor [d]
+        The same query that produced ``o``/``lse``.
+    eps, scale : float
+
+    Returns
+    -------
+    h : Tensor [..., d], dtype of ``o``.
+    """
+    return torch.ops.attnres.merge(o, lse, partial, query, float(eps), float(scale))

@@ -1,0 +1,323 @@
+"""Find the residual stream(s) of a transformer in an FX graph (design §4).
+
+A *step* is an add ``x_out = x_in + f`` where the branch ``f``
+
+(a) reads ``x_in`` only through a normalization (pre-norm), or raw with a norm
+    at the branch's end (post-branch norm): structurally, ``f`` is a
+    scale-free function of ``x_in`` (degree 0, see :func:`branch_degree`);
+(b) contains an op with a weight parameter (a matrix, not a gain or a bias);
+(c) touches no other value of the stream.
+
+Steps chain into a stream when one step's output is the next one's input. The
+two adds of a parallel attention + MLP pair (``x + a + m``) form one step.
+Everything here rests on graph structure, never on module or model names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Optional, Union
+
+import torch.fx as fx
+
+from .ir import data_inputs, is_plain_add, norm_eps, op_kind, scalar_args, tensor_value, topo_index
+from .plan import SkippedSite
+
+log = logging.getLogger("attnres_compile")
+
+# Degree of a value as a function of the stream value x: f(c * x) = c**deg * f(x).
+# INDEPENDENT: does not depend on x; None: not homogeneous (e.g. a raw linear of x).
+INDEPENDENT = "independent"
+Degree = Union[Fraction, str, None, tuple]
+
+_MAX_SKIP_NOTES = 32
+
+
+@dataclass
+class Step:
+    """One residual step found in a graph (nodes, not names: see plan.LayerPlan)."""
+
+    stream_in: fx.Node
+    adds: list[fx.Node]
+    branches: list[fx.Node]
+    region: set[fx.Node]
+    eps: Optional[float]
+
+    @property
+    def stream_out(self) -> fx.Node:
+        return self.adds[-1]
+
+
+@dataclass
+class BranchCheck:
+    ok: bool
+    region: set[fx.Node] = field(default_factory=set)
+    eps: Optional[float] = None
+    reason: str = ""
+
+
+def region_between(src: fx.Node, sinks: list[fx.Node], order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes that read ``src`` (through data edges) and feed one of ``sinks``.
+
+    Walks back from the sinks, never past ``src`` in graph order, so the cost is
+    the size of the layer, not of the graph.
+    """
+    start = order[src]
+    seen: set[fx.Node] = set()
+    stack = [s for s in sinks if order[s] > start]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(u for u in data_inputs(node) if order[u] > start and u not in seen)
+    region: set[fx.Node] = set()
+    for node in sorted(seen, key=order.__getitem__):
+        if any(u is src or u in region for u in data_inputs(node)):
+            region.add(node)
+    return region
+
+
+def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced: bool) -> Degree:
+    """Degree of ``node`` from the degrees of its data inputs (homogeneity rules)."""
+    dep = [d for d in degrees if d is not INDEPENDENT]
+    if kind == "norm":
+        return Fraction(0)  # a norm's output is scale-free whatever it reads
+    if kind == "native_norm":
+        return (Fraction(0), dep[0] if dep else None, -dep[0] if isinstance(dep[0], Fraction) else None)
+    if kind == "getitem":
+        container = degrees[0]
+        if isinstance(container, tuple):
+            index = node.args[1]
+            return container[index] if isinstance(index, int) and index < len(container) else None
+        rest = degrees[1:]
+        if isinstance(container, Fraction) and all(d is INDEPENDENT or d == 0 for d in rest):
+            return container
+        return Fraction(0) if all(d is INDEPENDENT or d == 0 for d in degrees) else None
+    if any(d is None or isinstance(d, tuple) for d in dep):
+        return None
+    if kind in ("cast", "neg"):
+        return dep[0] if all(d == dep[0] for d in dep) else None
+    if kind == "native_dropout":
+        return (dep[0], None)
+    if kind in ("add", "sub"):
+        if len(dep) == 2:
+            return dep[0] if dep[0] == dep[1] else None
+        if dep[0] == 0:
+            return dep[0]
+        # x + eps keeps the degree (the eps of a norm); x + bias does not.
+        return dep[0] if len(data_inputs(node)) == 1 else None
+    if kind == "mul":
+        total = sum(dep, Fraction(0))
+        return total if total != 0 or all(d == 0 for d in dep) or reduced else None
+    if kind == "div":
+        num = degrees[0] if degrees else INDEPENDENT
+        den = degrees[1] if len(degrees) > 1 else INDEPENDENT
+        num = Fraction(0) if num is INDEPENDENT else num
+        den = Fraction(0) if den is INDEPENDENT else den
+        total = num - den
+        return total if total != 0 or (num == 0 and den == 0) or reduced else None
+    if kind == "pow":
+        exponent = node.args[1] if len(node.args) > 1 else None
+        if isinstance(exponent, (int, float)) and len(dep) == 1:
+            return dep[0] * Fraction(exponent).limit_denominator(64)
+        return Fraction(0) if all(d == 0 for d in dep) else None
+    if kind == "rsqrt":
+        return -dep[0] / 2
+    if kind == "sqrt":
+        return dep[0] / 2
+    if kind == "reciprocal":
+        return -dep[0]
+    if kind == "reduce" or kind == "std":
+        return dep[0]
+    if kind == "var":
+        return 2 * dep[0]
+    if kind == "var_mean":
+        return (2 * dep[0], dep[0])
+    return Fraction(0) if all(d == 0 for d in dep) else None
+
+
+def branch_degree(src: fx.Node, region: set[fx.Node], order: dict[fx.Node, int]):
+    """Homogeneity degree of every region node as a function of ``src``.
+
+    Returns ``(degrees, eps)``: a branch whose output has degree 0 reads ``src``
+    only through a normalization; ``eps`` is the first norm's epsilon found.
+    """
+    degrees: dict[fx.Node, Degree] = {src: Fraction(1)}
+    reduced: dict[fx.Node, bool] = {src: False}
+    eps: Optional[float] = None
+    for node in sorted(region, key=order.__getitem__):
+        inputs = data_inputs(node)
+        kind = op_kind(node)
+        is_reduction = kind in ("reduce", "var", "std", "var_mean", "norm", "native_norm")
+        node_reduced = is_reduction or any(reduced.get(u, False) for u in inputs)
+        ins = [degrees.get(u, INDEPENDENT) for u in inputs]
+        degree = _combine(node, kind, ins, node_reduced)
+        degrees[node], reduced[node] = degree, node_reduced
+        if eps is None:
+            if kind in ("norm", "native_norm"):
+                eps = norm_eps(node)
+            elif kind == "add" and node_reduced and isinstance(degree, Fraction) and degree != 0:
+                scalars = scalar_args(node)
+                eps = float(scalars[0]) if scalars else None
+    return degrees, eps
+
+
+def _has_weight(region: set[fx.Node], parameters: set[fx.Node]) -> bool:
+    """Does the region use a parameter that is a matrix (a layer, not a gain or bias)?"""
+    for node in region:
+        for u in node.all_input_nodes:
+            if u in parameters:
+                value = tensor_value(u)
+                if value is None or value.dim() >= 2:
+                    return True
+    return False
+
+
+def check_branch(
+    src: fx.Node, branch: fx.Node, order: dict[fx.Node, int], parameters: set[fx.Node]
+) -> BranchCheck:
+    """Is ``branch`` a residual branch of stream value ``src`` (conditions a, b)?"""
+    region = region_between(src, [branch], order)
+    if branch not in region:
+        return BranchCheck(False, reason="does not read the stream value")
+    degrees, eps = branch_degree(src, region, order)
+    if degrees.get(branch) != 0:
+        return BranchCheck(
+            False, region,
+            reason=f"reads {src.name} raw, with no normalization on the way in or at its end "
+            "(post-norm, or a norm the detector does not recognize)",
+        )
+    if not _has_weight(region, parameters):
+        return BranchCheck(False, region, reason="contains no op with a weight matrix")
+    return BranchCheck(True, region, eps)
+
+
+def _same_float_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = tensor_value(a), tensor_value(b)
+    if va is None or vb is None:
+        return va is None and vb is None  # no meta: let structure decide
+    return va.is_floating_point() and vb.is_floating_point() and tuple(va.shape) == tuple(vb.shape)
+
+
+def _find_steps(graph: fx.Graph, order, parameters, skipped: list[SkippedSite]) -> list[Step]:
+    steps: list[Step] = []
+    by_output: dict[fx.Node, Step] = {}
+    for node in graph.nodes:
+        if not is_plain_add(node):
+            continue
+        a, b = node.args[0], node.args[1]
+        if not _same_float_shape(a, b):
+            continue
+        if _extend_parallel(node, a, b, by_output, order, parameters):
+            continue
+        for src, branch in ((a, b), (b, a)):
+            check = check_branch(src, branch, order, parameters)
+            if check.ok:
+                step = Step(src, [node], [branch], check.region, check.eps)
+                steps.append(step)
+                by_output[node] = step
+                break
+            if check.region and len(skipped) < _MAX_SKIP_NOTES and _has_weight(check.region, parameters):
+                skipped.append(SkippedSite(node.name, f"not a residual step: {branch.name} {check.reason}"))
+    return steps
+
+
+def _extend_parallel(add, a, b, by_output, order, parameters) -> bool:
+    """Fold ``(x + f1) + f2`` into one step when f2 also reads x (parallel pair)."""
+    for partial_sum, branch in ((a, b), (b, a)):
+        step = by_output.get(partial_sum)
+        if step is None or len(partial_sum.users) != 1:
+            continue
+        check = check_branch(step.stream_in, branch, order, parameters)
+        if not check.ok:
+            continue
+        step.adds.append(add)
+        step.branches.append(branch)
+        step.region |= check.region
+        del by_output[partial_sum]
+        by_output[add] = step
+        return True
+    return False
+
+
+def _chain_steps(steps: list[Step], order, skipped: list[SkippedSite]) -> list[list[Step]]:
+    """Link steps whose output is the next one's input into streams."""
+    by_input: dict[fx.Node, list[Step]] = {}
+    for step in steps:
+        by_input.setdefault(step.stream_in, []).append(step)
+    outputs = {step.stream_out for step in steps}
+    heads = sorted({s.stream_in for s in steps if s.stream_in not in outputs}, key=order.__getitem__)
+    chains = []
+    for head in heads:
+        chain: list[Step] = []
+        value, ok = head, True
+        while value in by_input:
+            followers = by_input[value]
+            if len(followers) > 1:
+                names = ", ".join(s.stream_out.name for s in followers)
+                skipped.append(SkippedSite(value.name, f"stream value feeds {len(followers)} residual adds ({names}): the stream forks"))
+                ok = False
+                break
+            chain.append(followers[0])
+            value = followers[0].stream_out
+        if ok and chain:
+            chains.append(chain)
+    return chains
+
+
+def _stream_dependent(b0: fx.Node, graph: fx.Graph, order) -> set[fx.Node]:
+    """Every node whose value depends on ``b0`` (metadata reads excluded)."""
+    dependent = {b0}
+    start = order[b0]
+    for node in graph.nodes:
+        if order[node] > start and any(u in dependent for u in data_inputs(node)):
+            dependent.add(node)
+    return dependent
+
+
+def _foreign_stream_read(chain: list[Step], graph: fx.Graph, order) -> Optional[SkippedSite]:
+    """Condition (c): a branch may read the stream only through its own input."""
+    dependent = _stream_dependent(chain[0].stream_in, graph, order)
+    for i, step in enumerate(chain):
+        for node in sorted(step.region, key=order.__getitem__):
+            for u in data_inputs(node):
+                if u in dependent and u not in step.region and u is not step.stream_in:
+                    return SkippedSite(
+                        node.name,
+                        f"layer {i} (add {step.adds[0].name}) reads {u.name}, a value computed from "
+                        "the stream outside this layer: cannot prove the rewrite keeps it",
+                    )
+    return None
+
+
+def find_residual_streams(
+    graph: fx.Graph, parameters: set[fx.Node]
+) -> tuple[list[list[Step]], list[SkippedSite]]:
+    """Residual streams of ``graph`` as lists of steps in execution order.
+
+    Parameters
+    ----------
+    graph:
+        A Dynamo (torch IR) or export (aten IR) graph.
+    parameters:
+        The nodes that stand for model parameters (placeholders or get_attr).
+
+    Returns
+    -------
+    (streams, skipped): streams in graph order; skipped sites with reasons.
+    """
+    order = topo_index(graph)
+    skipped: list[SkippedSite] = []
+    steps = _find_steps(graph, order, parameters, skipped)
+    streams = []
+    for chain in _chain_steps(steps, order, skipped):
+        problem = _foreign_stream_read(chain, graph, order)
+        if problem is not None:
+            skipped.append(problem)
+            continue
+        streams.append(chain)
+    log.debug("found %d residual stream(s) with %s steps", len(streams), [len(c) for c in streams])
+    return streams, skipped

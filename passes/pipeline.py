@@ -1,0 +1,84 @@
+"""The pass pipeline, top to bottom: detect → partition → plan, then rewrite → clean up.
+
+``plan_graph`` only reads the graph; ``apply_plan`` changes it. The backend,
+the export rewrite and the inspection tool all call ``plan_graph``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch.fx as fx
+
+from attnres_compile.config import AttnResConfig
+
+from .detect import Step, find_residual_streams
+from .ir import tensor_value
+from .partition import partition_blocks
+from .plan import LayerPlan, Plan, SkippedSite, StreamPlan
+from .rewrite import rewrite_stream
+
+log = logging.getLogger("attnres_compile")
+
+DEFAULT_EPS = 1e-6
+
+
+def _module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module a node was traced in, if recorded."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).replace("L['self'].", "").replace("L['self']", "")
+
+
+def _layer_plan(index: int, step: Step) -> LayerPlan:
+    return LayerPlan(
+        index=index,
+        stream_in=step.stream_in.name,
+        adds=tuple(a.name for a in step.adds),
+        branches=tuple(b.name for b in step.branches),
+        module_path=_module_path(step.adds[0]),
+    )
+
+
+def _stream_plan(index: int, steps: list[Step], config: AttnResConfig) -> tuple[Optional[StreamPlan], Optional[SkippedSite]]:
+    b0 = steps[0].stream_in
+    value = tensor_value(b0)
+    if value is None or not isinstance(value.shape[-1], int):
+        return None, SkippedSite(b0.name, "hidden size of the stream is not a static int")
+    found_eps = next((s.eps for s in steps if s.eps is not None), None)
+    eps = config.eps if config.eps is not None else (found_eps if found_eps is not None else DEFAULT_EPS)
+    plan = StreamPlan(
+        index=index,
+        source=b0.name,
+        width=int(value.shape[-1]),
+        eps=float(eps),
+        layers=tuple(_layer_plan(i, s) for i, s in enumerate(steps)),
+        blocks=partition_blocks(len(steps), config),
+    )
+    return plan, None
+
+
+def plan_graph(graph: fx.Graph, parameters: set[fx.Node], config: AttnResConfig) -> Plan:
+    """Find every residual stream of ``graph`` and lay out its blocks (no change to the graph)."""
+    chains, skipped = find_residual_streams(graph, parameters)
+    streams: list[StreamPlan] = []
+    for steps in chains:
+        stream, problem = _stream_plan(len(streams), steps, config)
+        if problem is not None:
+            skipped.append(problem)
+        else:
+            streams.append(stream)
+    return Plan(streams=tuple(streams), skipped=tuple(skipped))
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan, queries: list[fx.Node], scale: str) -> None:
+    """Rewrite every planned stream; ``queries[k]`` is stream k's ``[L_k + 1, d]`` node."""
+    if len(queries) != len(plan.streams):
+        raise ValueError(f"apply_plan: {len(plan.streams)} streams but {len(queries)} query matrices")
+    for stream, query in zip(plan.streams, queries):
+        rewrite_stream(gm.graph, stream, query, scale)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,104 @@
+"""The plan: what the detector found and what the rewrite will do, as plain data.
+
+Every way in (the backend, the export rewrite, the inspection tool) builds the
+same plan with the same detector; nodes are referred to by name so a plan can
+be printed, serialized and compared without holding a graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One residual step (the paper's *layer*): branch output(s) added to the stream.
+
+    ``stream_in`` is the stream value the branches read; ``adds`` are the add
+    nodes that put the branch outputs on the stream (two for a parallel
+    attention + MLP pair), ``branches`` the added values, in the same order.
+    """
+
+    index: int
+    stream_in: str
+    adds: tuple[str, ...]
+    branches: tuple[str, ...]
+    module_path: str = ""
+
+    @property
+    def stream_out(self) -> str:
+        return self.adds[-1]
+
+    @property
+    def kind(self) -> str:
+        return "parallel" if len(self.adds) > 1 else "sequential"
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """A residual stream and its Block AttnRes layout.
+
+    ``source`` is ``b_0`` (the value the first layer reads), ``blocks`` holds
+    the layer indices of each block, ``width`` is d, ``eps`` the key-norm eps.
+    Query rows: one per layer in order, then one for the final read.
+    """
+
+    index: int
+    source: str
+    width: int
+    eps: float
+    layers: tuple[LayerPlan, ...]
+    blocks: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.layers) + 1
+
+    @property
+    def stream_out(self) -> str:
+        return self.layers[-1].stream_out
+
+
+@dataclass(frozen=True)
+class SkippedSite:
+    """A place the detector looked at and left alone, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    streams: tuple[StreamPlan, ...]
+    skipped: tuple[SkippedSite, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def query_shapes(self) -> tuple[tuple[int, int], ...]:
+        """``(rows, width)`` of the query matrix each stream needs, in stream order."""
+        return tuple((s.num_queries, s.width) for s in self.streams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """A few lines a person can read: streams, layers, blocks, skips."""
+        if not self.streams:
+            lines = ["no residual stream rewritten"]
+        else:
+            lines = []
+        for s in self.streams:
+            sizes = [len(b) for b in s.blocks]
+            parallel = sum(layer.kind == "parallel" for layer in s.layers)
+            lines.append(
+                f"stream {s.index}: d={s.width}, {len(s.layers)} layers"
+                + (f" ({parallel} parallel)" if parallel else "")
+                + f", {len(s.blocks)} blocks of {sizes}, b_0={s.source}, eps={s.eps:g}, "
+                f"{s.num_queries} queries"
+            )
+        for site in self.skipped:
+            lines.append(f"skipped {site.node}: {site.reason}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
