@@ -19,7 +19,7 @@ import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
 from attnres_compile.passes import Plan, apply_plan, plan_graph
 
 from .config import AttnResConfig
-from .queries import QueryBinding, strip_query_marker
+from .queries import QueryBinding, read_query_marker, require_zero_queries, strip_query_marker
 
 log = logging.getLogger("attnres_compile")
 _logged_once: set[str] = set()
@@ -90,6 +90,20 @@ def _query_mismatch(binding: QueryBinding, plan: Plan) -> Optional[str]:
     return None
 
 
+def _unrewritten(gm: fx.GraphModule, binding: Optional[QueryBinding]) -> Callable:
+    """Run a graph as traced; with a prepared model's queries in it, only while they are zero."""
+    if binding is None:
+        return gm.forward
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    positions = [placeholders.index(q) for q in binding.nodes if q in placeholders]
+
+    def run_plain(*args):
+        require_zero_queries([args[i] for i in positions], where="without the rewrite")
+        return gm.forward(*args)
+
+    return run_plain
+
+
 class AttnResBackend:
     """A ``torch.compile`` backend that rewrites residual streams into Block AttnRes.
 
@@ -108,19 +122,20 @@ class AttnResBackend:
         self.plans: list[Plan] = []  # one per rewritten graph, in compile order
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        binding = strip_query_marker(gm)
+        binding = read_query_marker(gm)
+        strip_query_marker(gm)
         config = binding.config if binding is not None else (self.config or AttnResConfig())
         plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), config)
         if not plan.streams:
             _log_once(logging.INFO, "attnres: no residual stream in this graph, running it unchanged (eager)\n%s", plan.summary())
-            return gm.forward
+            return _unrewritten(gm, binding)
         broken = graph_break_reason(gm)
         if broken is not None:
             log.warning(
                 "attnres: %s; the layer stack is split across graphs, so this graph runs unchanged "
                 "(eager) rather than rewrite half a stream", broken,
             )
-            return gm.forward
+            return _unrewritten(gm, binding)
         if binding is None:
             _log_once(logging.INFO, "attnres: model was not prepared: using zero, non-trainable queries (call attnres_compile.prepare to train them)")
             queries = _zero_queries(gm, plan)
@@ -128,7 +143,7 @@ class AttnResBackend:
             mismatch = _query_mismatch(binding, plan)
             if mismatch is not None:
                 log.error("attnres: %s; this graph runs unchanged (eager)", mismatch)
-                return gm.forward
+                return _unrewritten(gm, binding)
             queries = binding.nodes
         apply_plan(gm, plan, queries, config.scale)
         self.plans.append(plan)

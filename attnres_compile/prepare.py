@@ -46,6 +46,12 @@ def _stack_plan(model: nn.Module, traced: list[tuple[Plan, Optional[str]]]) -> O
     """The one graph holding the whole layer stack, or None (with the reason logged)."""
     with_streams = [(plan, broken) for plan, broken in traced if plan.streams]
     name = type(model).__name__
+    if not traced:
+        log.warning(
+            "attnres: Dynamo produced no graph for %s (it skipped the forward, e.g. after a graph break "
+            "inside a loop; TORCH_LOGS=graph_breaks shows why). Model left untouched.", name,
+        )
+        return None
     if not with_streams:
         notes = "\n".join(plan.summary() for plan, _ in traced)
         log.warning(

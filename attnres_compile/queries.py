@@ -4,7 +4,8 @@
 an :class:`AttnResForward` that passes the model's first tensor input through
 ``attnres::bind_queries(x, queries, config)``. Dynamo traces that call, so the
 query parameters arrive at the backend as graph inputs; the backend reads the
-queries and the config off the node and removes it (:func:`strip_query_marker`).
+queries and the config off the node (:func:`read_query_marker`) and removes it
+when it rewrites the graph (:func:`strip_query_marker`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ def bind_queries(x: Tensor, queries: list[Tensor], config: str) -> Tensor:
     the plain one; that is only right while the queries are zero, so trained
     queries make an eager call fail instead of silently ignoring them.
     """
+    require_zero_queries(queries)
+    return x.clone()
+
+
+def require_zero_queries(queries: list[Tensor], where: str = "eagerly") -> None:
+    """Refuse to run a plain (not rewritten) model whose trained queries would be ignored."""
     if any(bool(q.count_nonzero()) for q in queries):
         raise RuntimeError(
             "this model was prepared for Block AttnRes and its attnres queries are non-zero: "
             "it only computes Block AttnRes when compiled, e.g. torch.compile(model, backend='attnres'); "
-            "running it eagerly would silently drop the queries"
+            f"running it {where} would silently drop the queries"
         )
-    return x.clone()
 
 
 @bind_queries.register_fake
@@ -126,15 +132,20 @@ def _is_marker(node: fx.Node) -> bool:
     )
 
 
-def strip_query_marker(gm: fx.GraphModule) -> Optional[QueryBinding]:
-    """Remove every ``bind_queries`` node; return the queries and config of the first."""
-    binding = None
-    for node in [n for n in gm.graph.nodes if _is_marker(n)]:
-        x, queries, config = node.args[:3]
-        if binding is None:
-            binding = QueryBinding(list(queries), AttnResConfig.from_dict(json.loads(config)))
-        node.replace_all_uses_with(x)
+def read_query_marker(gm: fx.GraphModule) -> Optional[QueryBinding]:
+    """The queries and config carried by the graph's first ``bind_queries`` node, if any."""
+    for node in gm.graph.nodes:
+        if _is_marker(node):
+            _, queries, config = node.args[:3]
+            return QueryBinding(list(queries), AttnResConfig.from_dict(json.loads(config)))
+    return None
+
+
+def strip_query_marker(gm: fx.GraphModule) -> None:
+    """Remove every ``bind_queries`` node: the passes then see the model's own graph."""
+    markers = [n for n in gm.graph.nodes if _is_marker(n)]
+    for node in markers:
+        node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
-    if binding is not None:
+    if markers:
         gm.recompile()
-    return binding

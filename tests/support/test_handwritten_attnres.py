@@ -7,22 +7,14 @@ input); comparing it with the compiler pass is another test's job.
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-# The examples are scripts, not a package: put their folder (only) on the path.
-# The test folder too, so the oracle imports under any pytest import mode.
-_TESTS = Path(__file__).resolve().parent
-for _folder in (_TESTS.parent / "examples", _TESTS):
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
-from handwritten_attnres import attnres_read, block_attnres_logits  # noqa: E402
-from offline_text import FILE_SEPARATOR, batch_iterator, load_corpus, split_train_val  # noqa: E402
-from tiny_gpt import GPTConfig, TinyGPT, loss_fn  # noqa: E402
+# examples/ and tests/support/ are on sys.path through pytest's `pythonpath` setting.
+from handwritten_attnres import attnres_read, block_attnres_logits
+from offline_text import FILE_SEPARATOR, batch_iterator, load_corpus, split_train_val
+from tiny_gpt import GPTConfig, TinyGPT, loss_fn
 
 CFG = GPTConfig()
 N_LAYERS = 2 * CFG.n_layer  # every attention and every MLP is a layer

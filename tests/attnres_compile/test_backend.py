@@ -1,0 +1,113 @@
+"""The "attnres" torch.compile backend: registration, unprepared models, fallbacks, recompiles."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import attnres_compile
+from attnres_compile import AttnResBackend, AttnResConfig
+from zoo import hf_bert, tiny_gpt
+
+
+def test_backend_is_found_by_name_through_the_entry_point():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("attnres") is attnres_compile.attnres_backend
+
+
+def test_unprepared_model_compiles_with_zero_queries(caplog):
+    model, args, _ = tiny_gpt()
+    backend = AttnResBackend()
+    with caplog.at_level(logging.INFO, logger="attnres_compile"):
+        out = torch.compile(model, backend=backend)(*args)
+    torch.testing.assert_close(out, model(*args), rtol=1e-5, atol=1e-6)
+    assert len(backend.plans) == 1 and len(backend.plans[0].streams[0].layers) == 4
+    assert "not prepared" in caplog.text
+
+
+def test_post_norm_model_compiles_untouched(caplog):
+    model, args, kwargs = hf_bert()
+    backend = AttnResBackend()
+    with caplog.at_level(logging.INFO, logger="attnres_compile"):
+        out = torch.compile(model, backend=backend)(*args, **kwargs)
+    torch.testing.assert_close(out.last_hidden_state, model(*args, **kwargs).last_hidden_state)
+    assert backend.plans == []
+    assert "no residual stream in this graph" in caplog.text
+
+
+def _random_queries(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in model.attnres.streams:
+            q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)
+
+
+def test_three_sequence_lengths_recompile_once_and_match_the_reference():
+    model, args, _ = tiny_gpt()
+    attnres_compile.prepare(model, args)
+    _random_queries(model)
+    backend = AttnResBackend()
+    compiled = torch.compile(model, backend=backend)
+    reference = torch.compile(model, backend=AttnResBackend(inductor=False))
+    for seq in (5, 9, 17):
+        idx = torch.randint(0, 64, (2, seq))
+        torch.testing.assert_close(compiled(idx), reference(idx), rtol=1e-5, atol=1e-6)
+    recompiles = len(backend.plans) - 1
+    print(f"3 sequence lengths: {len(backend.plans)} compiles, {recompiles} recompile(s)")
+    # Static first compile, then one dynamic-shape recompile that serves every later length.
+    assert recompiles == 1
+
+
+class _PreNormLayer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class _BrokenStack(nn.Module):
+    """A pre-norm stack with a graph break between its second and third layer."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.l0, self.l1, self.l2, self.l3 = (_PreNormLayer(d) for _ in range(4))
+
+    def forward(self, x):
+        x = self.l1(self.l0(x))
+        torch._dynamo.graph_break()
+        return self.l3(self.l2(x))
+
+
+def test_graph_break_inside_the_stack_runs_unchanged_with_the_reason(caplog):
+    torch.manual_seed(0)
+    model, x = _BrokenStack(), torch.randn(2, 3, 16)
+    backend = AttnResBackend()
+    with caplog.at_level(logging.WARNING, logger="attnres_compile"):
+        out = torch.compile(model, backend=backend)(x)
+    torch.testing.assert_close(out, model(x))
+    assert backend.plans == []
+    assert "graph break" in caplog.text and "rather than rewrite half a stream" in caplog.text
+
+
+def test_prepare_refuses_a_stack_split_by_graph_breaks(caplog):
+    torch.manual_seed(0)
+    model, x = _BrokenStack(), torch.randn(2, 3, 16)
+    with caplog.at_level(logging.WARNING, logger="attnres_compile"):
+        attnres_compile.prepare(model, (x,))
+    assert not hasattr(model, "attnres")
+    assert "graph breaks split the layer stack" in caplog.text
+
+
+def test_queries_that_do_not_fit_the_graph_fall_back_loudly(caplog):
+    model, args, _ = tiny_gpt()
+    attnres_compile.prepare(model, args)
+    with torch.no_grad():
+        model.attnres.streams[0] = nn.Parameter(torch.ones(3, 32))
+    with caplog.at_level(logging.ERROR, logger="attnres_compile"), pytest.raises(Exception, match="non-zero"):
+        torch.compile(model, backend=AttnResBackend())(*args)
+    assert "the model's queries have shapes [(3, 32)] but this graph needs [(5, 32)]" in caplog.text
