@@ -80,8 +80,9 @@ def prepare(
     """Give ``model`` the zero-initialized queries of Block AttnRes, in place.
 
     Traces the model once on ``example_inputs`` to find its residual streams,
-    then adds ``model.attnres`` (an :class:`AttnResQueries`; state-dict keys
-    ``attnres.streams.<k>``) and a ``forward`` wrapper that carries the queries into
+    then adds the parameters ``attnres_queries_<k>`` (one per residual stream),
+    ``model.attnres`` (an :class:`AttnResQueries` with the config and the plan)
+    and a ``forward`` wrapper that carries the queries into
     ``torch.compile(model, backend="attnres")``. Build the optimizer afterwards.
     A model with no readable stream is returned untouched, with a logged reason.
 
@@ -99,9 +100,7 @@ def prepare(
     plan = _stack_plan(model, trace_plans(model, example_inputs, example_kwargs or {}, config))
     if plan is None:
         return model
-    queries = AttnResQueries(list(plan.query_shapes), config, device=_model_device(model))
-    queries.plan = plan
-    model.attnres = queries
+    AttnResQueries.add_to(model, list(plan.query_shapes), config, plan, device=_model_device(model))
     model.forward = AttnResForward(model)
     log.info("attnres: prepared %s\n%s", type(model).__name__, plan.summary())
     return model

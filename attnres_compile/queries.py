@@ -1,7 +1,7 @@
 """The learned queries on the user's model, and how they reach the compiled graph.
 
-``prepare`` attaches an :class:`AttnResQueries` submodule (``model.attnres``) and
-an :class:`AttnResForward` that passes the model's first tensor input through
+``prepare`` registers the queries as parameters of the model, records them in
+an :class:`AttnResQueries` (``model.attnres``) and installs an :class:`AttnResForward` that passes the model's first tensor input through
 ``attnres::bind_queries(x, queries, config)``. Dynamo traces that call, so the
 query parameters arrive at the backend as graph inputs; the backend reads the
 queries and the config off the node (:func:`read_query_marker`) and removes it
@@ -59,26 +59,48 @@ def _bind_queries_backward(ctx: Any, grad: Tensor):
 bind_queries.register_autograd(_bind_queries_backward)
 
 
-class AttnResQueries(nn.Module):
-    """The pseudo-queries of every residual stream, zero-initialized.
+QUERY_PREFIX = "attnres_queries_"
 
-    ``streams[k]`` is stream k's ``[L_k + 1, d_k]`` matrix: one row per layer in
-    execution order, the final read's row last. Kept in fp32 whatever the model
-    dtype: they are tiny and the read's softmax runs in fp32.
+
+class AttnResQueries:
+    """What ``prepare`` attaches to a model as ``model.attnres``.
+
+    The queries themselves are parameters of the model, ``attnres_queries_<k>``:
+    stream k's ``[L_k + 1, d_k]`` matrix, one row per layer in execution order,
+    the final read's row last, fp32 whatever the model dtype (they are tiny and
+    the read's softmax runs in fp32). They hang off the model directly rather
+    than off a submodule because containers such as ``nn.Sequential`` run every
+    submodule they hold. This object keeps the config and the plan.
     """
 
-    def __init__(self, shapes: list[tuple[int, int]], config: AttnResConfig, device=None):
-        super().__init__()
-        self.streams = nn.ParameterList(
-            nn.Parameter(torch.zeros(rows, width, device=device, dtype=torch.float32)) for rows, width in shapes
-        )
+    def __init__(self, model: nn.Module, num_streams: int, config: AttnResConfig, plan=None):
+        self.model = model
+        self.num_streams = num_streams
         self.config = config
         # Serialized once here: the marker call that carries it is traced by Dynamo.
         self.config_json = json.dumps(config.to_dict(), sort_keys=True)
-        self.plan = None  # the passes' Plan from prepare, for inspection
+        self.plan = plan  # the passes' Plan from prepare, for inspection
 
-    def extra_repr(self) -> str:
-        return f"config={self.config}"
+    @staticmethod
+    def add_to(model: nn.Module, shapes: list[tuple[int, int]], config: AttnResConfig, plan=None, device=None):
+        for k, (rows, width) in enumerate(shapes):
+            zeros = torch.zeros(rows, width, device=device, dtype=torch.float32)
+            model.register_parameter(f"{QUERY_PREFIX}{k}", nn.Parameter(zeros))
+        model.attnres = AttnResQueries(model, len(shapes), config, plan)
+        return model.attnres
+
+    @property
+    def streams(self) -> list[nn.Parameter]:
+        return [getattr(self.model, f"{QUERY_PREFIX}{k}") for k in range(self.num_streams)]
+
+    def __repr__(self) -> str:
+        shapes = [tuple(q.shape) for q in self.streams]
+        return f"AttnResQueries(streams={shapes}, config={self.config})"
+
+
+def is_query_parameter(name: str) -> bool:
+    """Is ``name`` (from ``named_parameters``) one of the queries ``prepare`` added?"""
+    return name.rpartition(".")[2].startswith(QUERY_PREFIX)
 
 
 class AttnResForward:

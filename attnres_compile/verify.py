@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 from .backend import AttnResBackend
 from .config import AttnResConfig
 from .prepare import prepare
-from .queries import AttnResQueries
+from .queries import AttnResQueries, is_query_parameter
 
 log = logging.getLogger("attnres_compile")
 
@@ -181,7 +181,7 @@ def verify(
 
 
 def _verify_prepared(model, queries, args, kwargs, rtol, seed, report) -> None:
-    original = [n for n, _ in model.named_parameters() if not n.startswith("attnres.")]
+    original = [n for n, _ in model.named_parameters() if not is_query_parameter(n)]
     everything = [n for n, _ in model.named_parameters()]
     zeros = [torch.zeros_like(q) for q in queries.streams]
     gen = torch.Generator().manual_seed(seed)

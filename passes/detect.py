@@ -22,7 +22,16 @@ from typing import Optional, Union
 
 import torch.fx as fx
 
-from .ir import data_inputs, is_plain_add, norm_eps, op_kind, scalar_args, tensor_value, topo_index
+from .ir import (
+    data_inputs,
+    is_attnres_op,
+    is_plain_add,
+    norm_eps,
+    op_kind,
+    scalar_args,
+    tensor_value,
+    topo_index,
+)
 from .plan import SkippedSite
 
 log = logging.getLogger("attnres_compile")
@@ -165,6 +174,20 @@ def branch_degree(src: fx.Node, region: set[fx.Node], order: dict[fx.Node, int])
     return degrees, eps
 
 
+def weight_values(graph: fx.Graph, parameters: set[fx.Node]) -> set[fx.Node]:
+    """Parameters and values computed from parameters alone (``t(W)``, ``W.to(bf16)``, ``1 + w``).
+
+    Core aten spells ``nn.Linear`` as ``addmm(b, x, t(W))``: the weight a branch
+    reads is then a view of the parameter, not the parameter node itself.
+    """
+    weights = set(parameters)
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "call_function" and inputs and all(u in weights for u in inputs):
+            weights.add(node)
+    return weights
+
+
 def _has_weight(region: set[fx.Node], parameters: set[fx.Node]) -> bool:
     """Does the region use a parameter that is a matrix (a layer, not a gain or bias)?"""
     for node in region:
@@ -278,6 +301,29 @@ def _stream_dependent(b0: fx.Node, graph: fx.Graph, order) -> set[fx.Node]:
     return dependent
 
 
+def _drop_nested_steps(steps: list[Step], skipped: list[SkippedSite]) -> list[Step]:
+    """Condition (c) for skips around a whole stack: a branch may not hold residual steps itself.
+
+    ``emb + norm(stack(emb))`` looks like one pre-norm step of ``emb`` whose branch
+    is the entire network; its branch contains the real stream's adds. Steps come
+    in graph order, so inner steps are kept before any step around them is judged.
+    """
+    kept: list[Step] = []
+    kept_adds: set[fx.Node] = set()
+    for step in steps:
+        nested = sorted(a.name for a in step.region & kept_adds)
+        if nested:
+            skipped.append(SkippedSite(
+                step.adds[0].name,
+                f"not a residual step: its branch contains other residual adds ({', '.join(nested[:3])}), "
+                "a skip connection around a whole stack",
+            ))
+            continue
+        kept.append(step)
+        kept_adds.update(step.adds)
+    return kept
+
+
 def _foreign_stream_read(chain: list[Step], graph: fx.Graph, order) -> Optional[SkippedSite]:
     """Condition (c): a branch may read the stream only through its own input."""
     dependent = _stream_dependent(chain[0].stream_in, graph, order)
@@ -311,7 +357,12 @@ def find_residual_streams(
     """
     order = topo_index(graph)
     skipped: list[SkippedSite] = []
-    steps = _find_steps(graph, order, parameters, skipped)
+    rewritten = next((n for n in graph.nodes if is_attnres_op(n)), None)
+    if rewritten is not None:
+        skipped.append(SkippedSite(rewritten.name, "graph already holds Block AttnRes reads: not rewritten again"))
+        return [], skipped
+    steps = _find_steps(graph, order, weight_values(graph, parameters), skipped)
+    steps = _drop_nested_steps(steps, skipped)
     streams = []
     for chain in _chain_steps(steps, order, skipped):
         problem = _foreign_stream_read(chain, graph, order)

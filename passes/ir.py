@@ -77,10 +77,11 @@ def _aten_kinds() -> dict[Any, str]:
         "var_mean": ["var_mean.correction"],
         "norm": ["layer_norm.default", "rms_norm.default", "group_norm.default"],
         "native_norm": ["native_layer_norm.default"],
-        "cast": ["_to_copy.default", "to.dtype", "to.dtype_layout", "clone.default",
-                 "view.default", "reshape.default", "_unsafe_view.default",
-                 "dropout.default", "alias.default", "contiguous.default",
-                 "_assert_tensor_metadata.default"],
+        "cast": ["_to_copy.default", "to.dtype", "to.dtype_layout", "to.other", "type_as.default",
+                 "clone.default", "view.default", "reshape.default", "_unsafe_view.default",
+                 "dropout.default", "alias.default", "contiguous.default", "detach.default",
+                 "_assert_tensor_metadata.default", "t.default", "permute.default",
+                 "transpose.int", "expand.default", "unsqueeze.default", "squeeze.dim"],
         "native_dropout": ["native_dropout.default"],
         "meta": ["sym_size.int", "sym_numel.default", "sym_stride.int", "zeros_like.default",
                  "ones_like.default", "empty_like.default", "full_like.default",
@@ -118,6 +119,10 @@ def op_kind(node: fx.Node) -> Optional[str]:
     return None
 
 
+# Casts whose later tensor arguments only lend their dtype: x.type_as(y), x.to(y).
+_READS_FIRST_ARG_ONLY = {"type_as", "to", aten.type_as.default, aten.to.other}
+
+
 def data_inputs(node: fx.Node) -> list[fx.Node]:
     """The nodes whose *values* ``node`` reads (metadata reads excluded).
 
@@ -127,7 +132,7 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
     kind = op_kind(node)
     if kind == "meta":
         return []
-    if kind == "cast" and node.op == "call_method" and node.target in ("type_as", "to"):
+    if kind == "cast" and node.target in _READS_FIRST_ARG_ONLY:
         first = node.args[0] if node.args else None
         return [first] if isinstance(first, fx.Node) else []
     return list(node.all_input_nodes)
@@ -187,3 +192,8 @@ def flatten_nodes(arg: Any) -> Iterable[fx.Node]:
     out: list[fx.Node] = []
     fx.node.map_arg(arg, out.append)
     return out
+
+
+def is_attnres_op(node: fx.Node) -> bool:
+    """A call of one of this project's ops (``torch.ops.attnres.*``)."""
+    return node.op == "call_function" and getattr(node.target, "namespace", None) == "attnres"

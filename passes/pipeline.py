@@ -43,17 +43,26 @@ def _layer_plan(index: int, step: Step) -> LayerPlan:
     )
 
 
+def _static_int(size) -> Optional[int]:
+    """``size`` as an int when it is one, or a SymInt that Dynamo specialized to one."""
+    if isinstance(size, int):
+        return size
+    node = getattr(size, "node", None)
+    return node.maybe_as_int() if node is not None and hasattr(node, "maybe_as_int") else None
+
+
 def _stream_plan(index: int, steps: list[Step], config: AttnResConfig) -> tuple[Optional[StreamPlan], Optional[SkippedSite]]:
     b0 = steps[0].stream_in
     value = tensor_value(b0)
-    if value is None or not isinstance(value.shape[-1], int):
+    width = _static_int(value.shape[-1]) if value is not None else None
+    if width is None:
         return None, SkippedSite(b0.name, "hidden size of the stream is not a static int")
     found_eps = next((s.eps for s in steps if s.eps is not None), None)
     eps = config.eps if config.eps is not None else (found_eps if found_eps is not None else DEFAULT_EPS)
     plan = StreamPlan(
         index=index,
         source=b0.name,
-        width=int(value.shape[-1]),
+        width=width,
         eps=float(eps),
         layers=tuple(_layer_plan(i, s) for i, s in enumerate(steps)),
         blocks=partition_blocks(len(steps), config),

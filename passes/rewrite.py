@@ -71,7 +71,12 @@ def _fold_into_partial(emit, partial, branches, stream_dtype):
 def rewrite_stream(graph: fx.Graph, stream: StreamPlan, queries: fx.Node, scale: str) -> None:
     """Rewrite one stream in place. ``queries`` is a ``[len(layers) + 1, d]`` node."""
     nodes = {n.name: n for n in graph.nodes}
+    order = {n: i for i, n in enumerate(graph.nodes)}
     b0 = nodes[stream.source]
+    # b_0 may be a graph input that precedes the queries (or other inputs):
+    # the first reads go after all of them.
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    first_position = max([b0, queries, *placeholders[-1:]], key=order.__getitem__)
     stream_dtype = getattr(tensor_value(b0), "dtype", None)
     emit = _Emitter(graph, b0)
     sources: list[fx.Node] = [b0]
@@ -82,7 +87,7 @@ def rewrite_stream(graph: fx.Graph, stream: StreamPlan, queries: fx.Node, scale:
         for j, index in enumerate(block):
             layer = stream.layers[index]
             stream_in = nodes[layer.stream_in]
-            emit.move_after(stream_in)
+            emit.move_after(first_position if index == 0 else stream_in)
             if index > 0:
                 previous = stream.layers[index - 1]
                 partial = _fold_into_partial(emit, partial, [nodes[b] for b in previous.branches], stream_dtype)

@@ -107,7 +107,22 @@ def test_queries_that_do_not_fit_the_graph_fall_back_loudly(caplog):
     model, args, _ = tiny_gpt()
     attnres_compile.prepare(model, args)
     with torch.no_grad():
-        model.attnres.streams[0] = nn.Parameter(torch.ones(3, 32))
+        model.attnres_queries_0 = nn.Parameter(torch.ones(3, 32))
     with caplog.at_level(logging.ERROR, logger="attnres_compile"), pytest.raises(Exception, match="non-zero"):
         torch.compile(model, backend=AttnResBackend())(*args)
     assert "the model's queries have shapes [(3, 32)] but this graph needs [(5, 32)]" in caplog.text
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_model_called_on_the_stream_itself(prepared):
+    """b_0 is the graph input: the queries (made in-graph, or carried by the marker) come first."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*(_PreNormLayer(16) for _ in range(3))), torch.randn(2, 5, 16)
+    if prepared:
+        attnres_compile.prepare(model, (x,))
+        _random_queries(model)
+    reference = torch.compile(model, backend=AttnResBackend(inductor=False))(x)
+    compiled = torch.compile(model, backend=AttnResBackend())(x)
+    torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-6)
+    if not prepared:
+        torch.testing.assert_close(compiled, model(x), rtol=1e-5, atol=1e-6)

@@ -26,7 +26,7 @@ def test_queries_are_parameters_in_state_dict_and_zero():
     new = [p for p in model.parameters() if id(p) not in before]
     assert len(new) == 1 and new[0] is queries
     keys = [k for k in model.state_dict() if "attnres" in k]
-    assert keys == ["attnres.streams.0"]
+    assert keys == ["attnres_queries_0"]
     plan = model.attnres.plan
     assert [len(b) for b in plan.streams[0].blocks] == [3, 3]
 
@@ -89,6 +89,7 @@ def test_models_without_a_readable_stream_are_left_untouched(factory, why, caplo
     assert out is model
     assert not hasattr(model, "attnres")
     assert "forward" not in vars(model)
+    assert not any("attnres" in name for name, _ in model.named_parameters())
     assert model.state_dict().keys() == state.keys()
     assert why in caplog.text and "left untouched" in caplog.text
 
