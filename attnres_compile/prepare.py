@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any, Optional
 
 import torch
@@ -22,6 +23,10 @@ def _model_device(model: nn.Module) -> Optional[torch.device]:
     return param.device if param is not None else None
 
 
+def _call_model(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    return model(*args, **kwargs)
+
+
 def trace_plans(
     model: nn.Module, example_inputs: tuple, example_kwargs: dict, config: AttnResConfig
 ) -> list[tuple[Plan, Optional[str]]]:
@@ -36,9 +41,13 @@ def trace_plans(
         results.append((plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), config), graph_break_reason(gm)))
         return gm.forward
 
+    # Dynamo caches compiled code per code object, at most 8 entries each. Tracing
+    # through a throwaway copy of `_call_model` keeps this one-off trace out of the
+    # cache of the model's own forward (shared by every instance of its class).
+    frame = types.FunctionType(_call_model.__code__.replace(), _call_model.__globals__, "prepare_trace")
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.compile(model, backend=capture)(*example_inputs, **example_kwargs)
+        torch.compile(frame, backend=capture)(model, example_inputs, example_kwargs)
     return results
 
 

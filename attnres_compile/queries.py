@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import types
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -103,6 +104,12 @@ def is_query_parameter(name: str) -> bool:
     return name.rpartition(".")[2].startswith(QUERY_PREFIX)
 
 
+def _forward_with_queries(self: "AttnResForward", *args: Any, **kwargs: Any) -> Any:
+    """Body of every :class:`AttnResForward`'s ``__call__`` (copied per instance, see there)."""
+    args, kwargs = _bind_first_tensor(self.module, args, kwargs)
+    return type(self.module).forward(self.module, *args, **kwargs)
+
+
 class AttnResForward:
     """Stands in for a prepared model's ``forward``: binds the queries, then runs the real one.
 
@@ -110,18 +117,32 @@ class AttnResForward:
     runs a compiled module's hooks outside the traced frame, where the queries
     would never reach the graph. Picklable and deep-copyable with its model, and
     it reports the original signature (``transformers`` inspects it).
+
+    Its ``__call__`` is the frame Dynamo compiles, and Dynamo keeps its cache
+    (and its limit of 8 recompiles) per code object. One shared ``__call__``
+    would make every prepared model in a process share that limit, so each
+    instance gets a private class whose ``__call__`` is a fresh copy of
+    :func:`_forward_with_queries`: a model's compiles count only against itself,
+    as with a plain model's own ``forward``.
     """
+
+    def __new__(cls, module: nn.Module) -> "AttnResForward":
+        code = _forward_with_queries.__code__.replace()  # a new code object, same bytecode
+        call = types.FunctionType(code, _forward_with_queries.__globals__, "__call__")
+        private = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__})
+        return object.__new__(private)
 
     def __init__(self, module: nn.Module):
         self.module = module
+
+    def __reduce__(self):
+        return AttnResForward, (self.module,)
 
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(type(self.module).forward.__get__(self.module))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _bind_first_tensor(self.module, args, kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+    __call__ = _forward_with_queries
 
 
 def _bind_first_tensor(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -126,3 +126,19 @@ def test_model_called_on_the_stream_itself(prepared):
     torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-6)
     if not prepared:
         torch.testing.assert_close(compiled, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_each_prepared_model_has_its_own_recompile_budget():
+    """Ten differently shaped prepared models in one process all get rewritten.
+
+    Dynamo allows 8 cache entries per code object; the forward wrapper prepare
+    installs must not make every prepared model share one code object.
+    """
+    for depth in range(1, 11):
+        torch.manual_seed(depth)
+        model, x = nn.Sequential(*(_PreNormLayer(16) for _ in range(depth))), torch.randn(2, 3, 16)
+        attnres_compile.prepare(model, (x,))
+        _random_queries(model)
+        backend = AttnResBackend(inductor=False)
+        torch.compile(model, backend=backend)(x)
+        assert len(backend.plans) == 1, f"model {depth} was not compiled by the backend"
