@@ -89,8 +89,12 @@ def region_between(src: fx.Node, sinks: list[fx.Node], order: dict[fx.Node, int]
     return region
 
 
-def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced: bool) -> Degree:
-    """Degree of ``node`` from the degrees of its data inputs (homogeneity rules)."""
+def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced: bool, degree_of) -> Degree:
+    """Degree of ``node`` from the degrees of its data inputs (homogeneity rules).
+
+    ``degrees`` follows ``data_inputs(node)``; ``degree_of(arg)`` gives the degree
+    of a positional argument (INDEPENDENT for a Python number).
+    """
     dep = [d for d in degrees if d is not INDEPENDENT]
     if kind == "norm":
         return Fraction(0)  # a norm's output is scale-free whatever it reads
@@ -118,16 +122,16 @@ def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced:
             return dep[0]
         # x + eps keeps the degree (the eps of a norm); x + bias does not.
         return dep[0] if len(data_inputs(node)) == 1 else None
-    if kind == "mul":
-        total = sum(dep, Fraction(0))
-        return total if total != 0 or all(d == 0 for d in dep) or reduced else None
-    if kind == "div":
-        num = degrees[0] if degrees else INDEPENDENT
-        den = degrees[1] if len(degrees) > 1 else INDEPENDENT
-        num = Fraction(0) if num is INDEPENDENT else num
-        den = Fraction(0) if den is INDEPENDENT else den
-        total = num - den
-        return total if total != 0 or (num == 0 and den == 0) or reduced else None
+    if kind in ("mul", "div") and len(node.args) >= 2:
+        # By position, not by data input: x * x reads x twice, 1 / sqrt(v) has
+        # only a denominator.
+        left, right = (degree_of(a) for a in node.args[:2])
+        left = Fraction(0) if left is INDEPENDENT else left
+        right = Fraction(0) if right is INDEPENDENT else right
+        if not isinstance(left, Fraction) or not isinstance(right, Fraction):
+            return None
+        total = left + right if kind == "mul" else left - right
+        return total if total != 0 or (left == 0 and right == 0) or reduced else None
     if kind == "pow":
         exponent = node.args[1] if len(node.args) > 1 else None
         if isinstance(exponent, (int, float)) and len(dep) == 1:
@@ -156,6 +160,10 @@ def branch_degree(src: fx.Node, region: set[fx.Node], order: dict[fx.Node, int])
     """
     degrees: dict[fx.Node, Degree] = {src: Fraction(1)}
     reduced: dict[fx.Node, bool] = {src: False}
+
+    def degree_of(arg) -> Degree:
+        return degrees.get(arg, INDEPENDENT) if isinstance(arg, fx.Node) else INDEPENDENT
+
     eps: Optional[float] = None
     for node in sorted(region, key=order.__getitem__):
         inputs = data_inputs(node)
@@ -163,7 +171,7 @@ def branch_degree(src: fx.Node, region: set[fx.Node], order: dict[fx.Node, int])
         is_reduction = kind in ("reduce", "var", "std", "var_mean", "norm", "native_norm")
         node_reduced = is_reduction or any(reduced.get(u, False) for u in inputs)
         ins = [degrees.get(u, INDEPENDENT) for u in inputs]
-        degree = _combine(node, kind, ins, node_reduced)
+        degree = _combine(node, kind, ins, node_reduced, degree_of)
         degrees[node], reduced[node] = degree, node_reduced
         if eps is None:
             if kind in ("norm", "native_norm"):

@@ -115,8 +115,17 @@ class ShapeReadingRMSNorm(nn.Module):
         return (self.weight * h).reshape(shape) + torch.zeros_like(x)
 
 
+class HandWrittenLayerNorm(nn.Module):
+    """``x * x`` (one input read twice) and ``1 / sqrt(var + eps)`` (a scalar numerator)."""
+
+    def forward(self, x):
+        centered = x - x.mean(-1, keepdim=True)
+        return centered * (1.0 / torch.sqrt((centered * centered).mean(-1, keepdim=True) + 1e-5))
+
+
 NORMS = {
     "layernorm": lambda: nn.LayerNorm(D),
+    "hand_written_layernorm": HandWrittenLayerNorm,
     "rmsnorm_fp32_type_as": RMSNorm,
     "one_plus_w": OnePlusRMSNorm,
     "F.layer_norm_no_weight": WeightlessLayerNorm,
