@@ -18,24 +18,10 @@ from attnres_compile.backend import parameter_nodes
 from attnres_compile.config import AttnResConfig
 from attnres_compile.passes import plan_graph
 from attnres_compile.passes.detect import find_residual_streams
-
-D = 16
+from fx_models import D, Mlp, RMSNorm, capture, x_input  # tests/support
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def capture(model, *args):
-    """The one Dynamo graph of ``model(*args)`` and its example inputs."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch.compile(model, backend=backend, fullgraph=True)(*args)
-    assert len(graphs) == 1
-    return graphs[0]
 
 
 def dynamo_plan(model, *args, **config):
@@ -54,27 +40,6 @@ def export_plan(model, *args, decompositions=None, **config):
 
 def layer_counts(plan):
     return [len(s.layers) for s in plan.streams]
-
-
-def x_input(seed=0):
-    return torch.randn(2, 5, D, generator=torch.Generator().manual_seed(seed))
-
-
-# ---------------------------------------------------------------- norms
-
-
-class RMSNorm(nn.Module):
-    """Llama-style: computed in fp32, cast back with ``.type_as(x)``."""
-
-    def __init__(self, d=D, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.type_as(x)
 
 
 class OnePlusRMSNorm(nn.Module):
@@ -158,15 +123,6 @@ class PreNormStack(nn.Module):
             else:
                 raise AssertionError(self.add)
         return self.final(x) if self.final is not None else x
-
-
-class Mlp(nn.Module):
-    def __init__(self, d=D):
-        super().__init__()
-        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, h):
-        return self.down(F.gelu(self.up(h)))
 
 
 class DropoutLayerScaleStack(nn.Module):

@@ -20,33 +20,12 @@ import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
 from attnres_compile.backend import _zero_queries, parameter_nodes
 from attnres_compile.config import AttnResConfig
 from attnres_compile.passes import apply_plan, plan_graph
+from fx_models import D, Mlp, RMSNorm, capture, x_input  # tests/support
 
-D = 16
 OPS = torch.ops.attnres
 
 
 # ---------------------------------------------------------------- models
-
-
-class Mlp(nn.Module):
-    def __init__(self, d=D):
-        super().__init__()
-        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, h):
-        return self.down(F.gelu(self.up(h)))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d=D, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.type_as(x)
 
 
 class Sequential(nn.Module):
@@ -115,18 +94,6 @@ class EmbeddingLM(nn.Module):
 # ---------------------------------------------------------------- helpers
 
 
-def capture(model, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch.compile(model, backend=backend, fullgraph=True)(*args)
-    assert len(graphs) == 1
-    return graphs[0]
-
-
 def rewritten(model, *args, scale="count", **config):
     """Capture, plan and rewrite ``model``; the queries become the graph's *first* input.
 
@@ -159,13 +126,6 @@ def calls(gm, op):
 def assert_rel_close(actual, expected, rel=1e-5):
     err = (actual - expected).abs().max() / expected.abs().max()
     assert err <= rel, f"relative error {err:.3g} > {rel}"
-
-
-def x_input(seed=0):
-    return torch.randn(2, 5, D, generator=torch.Generator().manual_seed(seed))
-
-
-# ---------------------------------------------------------------- structure
 
 
 @pytest.mark.parametrize("num_blocks", [1, 2, 3, 5, 8])

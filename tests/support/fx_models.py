@@ -1,0 +1,50 @@
+"""Small pre-norm modules and a Dynamo graph capture, shared by the pass tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D = 16
+
+
+def x_input(seed: int = 0) -> torch.Tensor:
+    """A ``[2, 5, D]`` stream input, the same for a given seed."""
+    return torch.randn(2, 5, D, generator=torch.Generator().manual_seed(seed))
+
+
+def capture(model, *args):
+    """The one Dynamo graph of ``model(*args)`` and its example inputs."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch.compile(model, backend=backend, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+class Mlp(nn.Module):
+    def __init__(self, d=D):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, h):
+        return self.down(F.gelu(self.up(h)))
+
+
+class RMSNorm(nn.Module):
+    """Llama-style: computed in fp32, cast back with ``.type_as(x)``."""
+
+    def __init__(self, d=D, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.type_as(x)
