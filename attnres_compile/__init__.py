@@ -3,6 +3,7 @@
     model = attnres_compile.prepare(model, example_inputs)      # zero-init queries
     model = torch.compile(model, backend="attnres")              # rewrite + Inductor
     report = attnres_compile.verify(model, example_inputs)        # numerics vs eager
+    gm = attnres_compile.rewrite(torch.export.export(model, args))  # the export path
 """
 
 import logging
@@ -10,6 +11,7 @@ import logging
 from .config import AttnResConfig  # first: the passes import it
 
 from .backend import AttnResBackend, attnres_backend
+from .export import rewrite
 from .prepare import prepare
 from .queries import AttnResQueries
 from .verify import VerifyReport, verify
@@ -23,5 +25,6 @@ __all__ = [
     "VerifyReport",
     "attnres_backend",
     "prepare",
+    "rewrite",
     "verify",
 ]
