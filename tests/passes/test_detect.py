@@ -18,7 +18,7 @@ from attnres_compile.backend import parameter_nodes
 from attnres_compile.config import AttnResConfig
 from attnres_compile.passes import plan_graph
 from attnres_compile.passes.detect import find_residual_streams
-from fx_models import D, Mlp, RMSNorm, capture, x_input  # tests/support
+from fx_models import D, Mlp, ParallelStack, RMSNorm, capture, x_input  # tests/support
 
 
 # ---------------------------------------------------------------- helpers
@@ -155,39 +155,6 @@ class ScaledEmbeddingLM(nn.Module):
 
     def forward(self, idx):
         return self.stack(self.emb(idx) * math.sqrt(D))
-
-
-class ParallelStack(nn.Module):
-    """GPT-NeoX / GPT-J style: one norm feeds attention and MLP, both added at once."""
-
-    def __init__(self, n=2, assoc="x + a + m"):
-        super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(n))
-        self.attn = nn.ModuleList(nn.Linear(D, D) for _ in range(n))
-        self.mlp = nn.ModuleList(Mlp() for _ in range(n))
-        self.final = nn.LayerNorm(D)
-        self.assoc = assoc
-
-    def forward(self, x):
-        for norm, attn, mlp in zip(self.norms, self.attn, self.mlp):
-            h = norm(x)
-            if self.assoc == "x + a + m":
-                x = x + attn(h) + mlp(h)
-            elif self.assoc == "(x + a) + m":
-                t = x + attn(h)
-                x = t + mlp(h)
-            elif self.assoc == "m + (x + a)":
-                a = attn(h)
-                x = mlp(h) + (x + a)
-            elif self.assoc == "(a + m) + x":
-                x = (attn(h) + mlp(h)) + x
-            elif self.assoc == "m = a; m += mlp; x + m":
-                m = attn(h)
-                m += mlp(h)
-                x = x + m
-            else:
-                raise AssertionError(self.assoc)
-        return self.final(x)
 
 
 class MoE(nn.Module):

@@ -20,7 +20,7 @@ import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
 from attnres_compile.backend import _zero_queries, parameter_nodes
 from attnres_compile.config import AttnResConfig
 from attnres_compile.passes import apply_plan, plan_graph
-from fx_models import D, Mlp, RMSNorm, capture, x_input  # tests/support
+from fx_models import D, Mlp, ParallelStack, RMSNorm, capture, x_input  # tests/support
 
 OPS = torch.ops.attnres
 
@@ -45,31 +45,6 @@ class Sequential(nn.Module):
     def branches(self, i, h):
         """The branch of layer ``i`` applied to the value it reads (for the oracle)."""
         return self.fs[i](self.norms[i](h))
-
-
-class Parallel(nn.Module):
-    """``x = x + attn(norm(x)) + mlp(norm(x))`` (GPT-NeoX) in a chosen association."""
-
-    def __init__(self, n=3, assoc="x + a + m"):
-        super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(n))
-        self.attn = nn.ModuleList(nn.Linear(D, D) for _ in range(n))
-        self.mlp = nn.ModuleList(Mlp() for _ in range(n))
-        self.final = nn.LayerNorm(D)
-        self.assoc = assoc
-
-    def forward(self, x):
-        for norm, attn, mlp in zip(self.norms, self.attn, self.mlp):
-            h = norm(x)
-            if self.assoc == "x + a + m":
-                x = x + attn(h) + mlp(h)
-            else:  # "(a + m) + x"
-                x = (attn(h) + mlp(h)) + x
-        return self.final(x)
-
-    def branches(self, i, h):
-        h = self.norms[i](h)
-        return self.attn[i](h) + self.mlp[i](h)
 
 
 class EmbeddingLM(nn.Module):
@@ -162,7 +137,7 @@ def test_merge_scale_is_the_number_of_sources_in_count_mode_and_one_in_mean_mode
 
 
 def test_parallel_layer_gets_one_read_for_both_branches():
-    gm, _, plan, _ = rewritten(Parallel(3), x_input(), num_blocks=3)
+    gm, _, plan, _ = rewritten(ParallelStack(3), x_input(), num_blocks=3)
     assert [layer.kind for layer in plan.streams[0].layers] == ["parallel"] * 3
     merges = calls(gm, OPS.merge.default)
     assert len(merges) == 3
@@ -184,8 +159,8 @@ def test_stream_dtype_and_shape_of_new_nodes():
 MODELS = {
     "sequential": lambda: Sequential(5),
     "sequential_rmsnorm_raw_output": lambda: Sequential(4, RMSNorm, final=False),
-    "parallel": lambda: Parallel(3),
-    "parallel_summed_first": lambda: Parallel(3, "(a + m) + x"),
+    "parallel": lambda: ParallelStack(3),
+    "parallel_summed_first": lambda: ParallelStack(3, "(a + m) + x"),
 }
 
 
@@ -344,7 +319,7 @@ def test_rewritten_graph_has_no_stream_left():
 
 
 def test_nodes_are_ordered_after_rewrite():
-    gm, _, _, _ = rewritten(Parallel(2), x_input(), num_blocks=1)
+    gm, _, _, _ = rewritten(ParallelStack(2), x_input(), num_blocks=1)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         for u in node.all_input_nodes:

@@ -48,3 +48,41 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.type_as(x)
+
+
+class ParallelStack(nn.Module):
+    """GPT-NeoX / GPT-J style: one norm feeds attention and MLP, both added at once."""
+
+    def __init__(self, n=2, assoc="x + a + m"):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(n))
+        self.attn = nn.ModuleList(nn.Linear(D, D) for _ in range(n))
+        self.mlp = nn.ModuleList(Mlp() for _ in range(n))
+        self.final = nn.LayerNorm(D)
+        self.assoc = assoc
+
+    def forward(self, x):
+        for norm, attn, mlp in zip(self.norms, self.attn, self.mlp):
+            h = norm(x)
+            if self.assoc == "x + a + m":
+                x = x + attn(h) + mlp(h)
+            elif self.assoc == "(x + a) + m":
+                t = x + attn(h)
+                x = t + mlp(h)
+            elif self.assoc == "m + (x + a)":
+                a = attn(h)
+                x = mlp(h) + (x + a)
+            elif self.assoc == "(a + m) + x":
+                x = (attn(h) + mlp(h)) + x
+            elif self.assoc == "m = a; m += mlp; x + m":
+                m = attn(h)
+                m += mlp(h)
+                x = x + m
+            else:
+                raise AssertionError(self.assoc)
+        return self.final(x)
+
+    def branches(self, i, h):
+        """The summed branch of layer ``i`` applied to the value it reads (for oracles)."""
+        h = self.norms[i](h)
+        return self.attn[i](h) + self.mlp[i](h)
