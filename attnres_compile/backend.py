@@ -32,12 +32,17 @@ def _log_once(level: int, message: str, *args) -> None:
         log.log(level, message, *args)
 
 
-def parameter_nodes(gm: fx.GraphModule, example_inputs: Sequence) -> set[fx.Node]:
-    """Graph nodes that stand for ``nn.Parameter``s (Dynamo lifts them to placeholders)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def parameter_nodes(gm: fx.GraphModule, example_inputs: Sequence, graph: Optional[fx.Graph] = None) -> set[fx.Node]:
+    """Nodes of ``graph`` (default ``gm.graph``) that stand for ``nn.Parameter``s.
+
+    Dynamo lifts parameters to placeholders (their example inputs are
+    Parameters); an unlifted export module reads them with ``get_attr``.
+    """
+    graph = gm.graph if graph is None else graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     params = {n for n, value in zip(placeholders, example_inputs) if isinstance(value, nn.Parameter)}
     named = dict(gm.named_parameters())
-    params |= {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in named}
+    params |= {n for n in graph.nodes if n.op == "get_attr" and n.target in named}
     return params
 
 

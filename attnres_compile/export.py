@@ -25,6 +25,7 @@ import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
 from attnres_compile.passes import Plan, apply_plan, plan_graph
 from attnres_compile.passes.ir import tensor_value
 
+from .backend import parameter_nodes
 from .config import AttnResConfig
 from .queries import QUERY_PREFIX, read_query_marker, strip_query_marker
 
@@ -82,11 +83,6 @@ def _cleaned_graph(gm: fx.GraphModule) -> fx.Graph:
     if dropped:
         log.debug("attnres: dropped %d no-op cast(s) before planning", dropped)
     return graph
-
-
-def _get_attr_parameters(gm: fx.GraphModule, graph: fx.Graph) -> set[fx.Node]:
-    named = dict(gm.named_parameters())
-    return {n for n in graph.nodes if n.op == "get_attr" and n.target in named}
 
 
 def _query_values(plan: Plan, queries: Optional[Sequence[Tensor]], device) -> list[Tensor]:
@@ -192,7 +188,7 @@ def rewrite(
     if binding is not None:
         strip_query_marker(gm)
     graph = _cleaned_graph(gm)
-    plan = plan_graph(graph, _get_attr_parameters(gm, graph), config)
+    plan = plan_graph(graph, parameter_nodes(gm, (), graph), config)
     if not plan.streams:
         log.info("attnres: no residual stream in this program, returning it unchanged\n%s", plan.summary())
         return gm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any, Optional
 
 import torch
@@ -13,7 +12,7 @@ from attnres_compile.passes import Plan, plan_graph
 
 from .backend import graph_break_reason, parameter_nodes
 from .config import AttnResConfig
-from .queries import AttnResForward, AttnResQueries
+from .queries import AttnResForward, AttnResQueries, with_own_dynamo_cache
 
 log = logging.getLogger("attnres_compile")
 
@@ -41,10 +40,9 @@ def trace_plans(
         results.append((plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), config), graph_break_reason(gm)))
         return gm.forward
 
-    # Dynamo caches compiled code per code object, at most 8 entries each. Tracing
-    # through a throwaway copy of `_call_model` keeps this one-off trace out of the
-    # cache of the model's own forward (shared by every instance of its class).
-    frame = types.FunctionType(_call_model.__code__.replace(), _call_model.__globals__, "prepare_trace")
+    # A throwaway frame keeps this one-off trace out of the Dynamo cache of the
+    # model's own forward (shared by every instance of its class).
+    frame = with_own_dynamo_cache(_call_model, "prepare_trace")
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.compile(frame, backend=capture)(model, example_inputs, example_kwargs)

@@ -1,7 +1,8 @@
 """The learned queries on the user's model, and how they reach the compiled graph.
 
 ``prepare`` registers the queries as parameters of the model, records them in
-an :class:`AttnResQueries` (``model.attnres``) and installs an :class:`AttnResForward` that passes the model's first tensor input through
+an :class:`AttnResQueries` (``model.attnres``) and installs an
+:class:`AttnResForward` that passes the model's first tensor input through
 ``attnres::bind_queries(x, queries, config)``. Dynamo traces that call, so the
 query parameters arrive at the backend as graph inputs; the backend reads the
 queries and the config off the node (:func:`read_query_marker`) and removes it
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import types
 import logging
+import types
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -104,6 +105,15 @@ def is_query_parameter(name: str) -> bool:
     return name.rpartition(".")[2].startswith(QUERY_PREFIX)
 
 
+def with_own_dynamo_cache(fn: Callable, name: str) -> Callable:
+    """A copy of ``fn`` with a code object of its own.
+
+    Dynamo keeps compiled code, and its limit of 8 recompiles, per code object:
+    a frame compiled through the copy neither uses nor fills ``fn``'s cache.
+    """
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, name)
+
+
 def _forward_with_queries(self: "AttnResForward", *args: Any, **kwargs: Any) -> Any:
     """Body of every :class:`AttnResForward`'s ``__call__`` (copied per instance, see there)."""
     args, kwargs = _bind_first_tensor(self.module, args, kwargs)
@@ -127,8 +137,7 @@ class AttnResForward:
     """
 
     def __new__(cls, module: nn.Module) -> "AttnResForward":
-        code = _forward_with_queries.__code__.replace()  # a new code object, same bytecode
-        call = types.FunctionType(code, _forward_with_queries.__globals__, "__call__")
+        call = with_own_dynamo_cache(_forward_with_queries, "__call__")
         private = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__})
         return object.__new__(private)
 
