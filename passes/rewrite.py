@@ -28,14 +28,21 @@ from .plan import StreamPlan
 
 aten = torch.ops.aten
 
+REWRITE_META = "attnres"
+"""``node.meta[REWRITE_META]`` of every node the rewrite creates: ``{"stream": k,
+"block": n, "layer": l}`` (``layer`` is the read's layer index, ``len(layers)`` for
+the final read; ``block`` is ``len(blocks)`` for the final read)."""
+
 
 class _Emitter:
     """Appends nodes one after another at a moving position in the graph."""
 
-    def __init__(self, graph: fx.Graph, after: fx.Node):
+    def __init__(self, graph: fx.Graph, after: fx.Node, stream: int):
         self.graph = graph
         self.cursor = after
         self.created: set[fx.Node] = set()
+        # Where each new node belongs, for the inspection tools (``node.meta[REWRITE_META]``).
+        self.tag: dict[str, Any] = {"stream": stream}
 
     def move_after(self, node: fx.Node) -> None:
         self.cursor = node
@@ -43,6 +50,7 @@ class _Emitter:
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         with self.graph.inserting_after(self.cursor):
             node = self.graph.call_function(target, tuple(args), kwargs)
+        node.meta[REWRITE_META] = dict(self.tag)
         self.cursor = node
         self.created.add(node)
         return node
@@ -78,14 +86,15 @@ def rewrite_stream(graph: fx.Graph, stream: StreamPlan, queries: fx.Node, scale:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     first_position = max([b0, queries, *placeholders[-1:]], key=order.__getitem__)
     stream_dtype = getattr(tensor_value(b0), "dtype", None)
-    emit = _Emitter(graph, b0)
+    emit = _Emitter(graph, b0, stream.index)
     sources: list[fx.Node] = [b0]
     partial: Optional[fx.Node] = None
     old_adds: list[fx.Node] = []
-    for block in stream.blocks:
+    for block_index, block in enumerate(stream.blocks):
         phase1 = None
         for j, index in enumerate(block):
             layer = stream.layers[index]
+            emit.tag.update(block=block_index, layer=index)
             stream_in = nodes[layer.stream_in]
             emit.move_after(first_position if index == 0 else stream_in)
             if index > 0:
@@ -112,6 +121,7 @@ def rewrite_stream(graph: fx.Graph, stream: StreamPlan, queries: fx.Node, scale:
     last = stream.layers[-1]
     stream_out = nodes[last.stream_out]
     emit.move_after(stream_out)
+    emit.tag.update(block=len(stream.blocks), layer=len(stream.layers))
     partial = _fold_into_partial(emit, partial, [nodes[b] for b in last.branches], stream_dtype)
     sources.append(partial)
     final_query = emit.call(aten.select.int, queries, 0, len(stream.layers))

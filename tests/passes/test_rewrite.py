@@ -20,6 +20,7 @@ import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
 from attnres_compile.backend import _zero_queries, parameter_nodes
 from attnres_compile.config import AttnResConfig
 from attnres_compile.passes import apply_plan, plan_graph
+from attnres_compile.passes.rewrite import REWRITE_META
 from fx_models import D, Mlp, ParallelStack, RMSNorm, capture, x_input  # tests/support
 
 OPS = torch.ops.attnres
@@ -326,3 +327,18 @@ def test_nodes_are_ordered_after_rewrite():
             assert order[u] < order[node]
     getitems = [n for n in gm.graph.nodes if n.target is operator.getitem]
     assert all(g.args[0].target is OPS.block_read.default for g in getitems)
+
+
+def test_every_new_node_is_tagged_with_its_stream_block_and_layer():
+    gm, _, plan, _ = rewritten(Sequential(5), x_input(), num_blocks=2)
+    stream = plan.streams[0]
+    tags = {n: n.meta.get(REWRITE_META) for n in gm.graph.nodes}
+    for node in calls(gm, OPS.block_read.default):
+        first_layer = stream.blocks[tags[node]["block"]][0]
+        assert tags[node] == {"stream": 0, "block": tags[node]["block"], "layer": first_layer}
+    merges = calls(gm, OPS.merge.default)
+    assert [tags[n]["layer"] for n in merges] == list(range(len(stream.layers)))
+    assert [tags[n]["block"] for n in merges] == [b for b, layers in enumerate(stream.blocks) for _ in layers]
+    (final,) = calls(gm, OPS.read.default)
+    assert tags[final] == {"stream": 0, "block": len(stream.blocks), "layer": len(stream.layers)}
+    assert all(tags[n] is None for n in gm.graph.nodes if n.op == "placeholder")
