@@ -7,14 +7,16 @@ the export rewrite and the inspection tool all call ``plan_graph``.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Optional
 
 import torch.fx as fx
 
 from attnres_compile.config import AttnResConfig
 
-from .detect import Step, find_residual_streams
-from .ir import tensor_value
+from .classify import branch_kind
+from .detect import Step, find_residual_streams, region_between
+from .ir import tensor_value, topo_index
 from .partition import partition_blocks
 from .plan import LayerPlan, Plan, SkippedSite, StreamPlan
 from .rewrite import rewrite_stream
@@ -23,6 +25,9 @@ log = logging.getLogger("attnres_compile")
 
 DEFAULT_EPS = 1e-6
 
+# Dynamo names a module by the frame local it was reached from: L['self'], L['model'] ...
+_FRAME_LOCAL = re.compile(r"^L\['[^']*'\]\.?")
+
 
 def _module_path(node: fx.Node) -> str:
     """Dotted path of the innermost module a node was traced in, if recorded."""
@@ -30,16 +35,18 @@ def _module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return str(path).replace("L['self'].", "").replace("L['self']", "")
+    return _FRAME_LOCAL.sub("", str(path))  # "L['self'].h.0.attn" -> "h.0.attn"
 
 
-def _layer_plan(index: int, step: Step) -> LayerPlan:
+def _layer_plan(index: int, step: Step, order: dict[fx.Node, int]) -> LayerPlan:
     return LayerPlan(
         index=index,
         stream_in=step.stream_in.name,
         adds=tuple(a.name for a in step.adds),
         branches=tuple(b.name for b in step.branches),
         module_path=_module_path(step.adds[0]),
+        branch_modules=tuple(_module_path(b) for b in step.branches),
+        branch_kinds=tuple(branch_kind(region_between(step.stream_in, [b], order)) for b in step.branches),
     )
 
 
@@ -51,7 +58,9 @@ def _static_int(size) -> Optional[int]:
     return node.maybe_as_int() if node is not None and hasattr(node, "maybe_as_int") else None
 
 
-def _stream_plan(index: int, steps: list[Step], config: AttnResConfig) -> tuple[Optional[StreamPlan], Optional[SkippedSite]]:
+def _stream_plan(
+    index: int, steps: list[Step], config: AttnResConfig, order: dict[fx.Node, int]
+) -> tuple[Optional[StreamPlan], Optional[SkippedSite]]:
     b0 = steps[0].stream_in
     value = tensor_value(b0)
     width = _static_int(value.shape[-1]) if value is not None else None
@@ -64,7 +73,7 @@ def _stream_plan(index: int, steps: list[Step], config: AttnResConfig) -> tuple[
         source=b0.name,
         width=width,
         eps=float(eps),
-        layers=tuple(_layer_plan(i, s) for i, s in enumerate(steps)),
+        layers=tuple(_layer_plan(i, s, order) for i, s in enumerate(steps)),
         blocks=partition_blocks(len(steps), config),
     )
     return plan, None
@@ -73,9 +82,10 @@ def _stream_plan(index: int, steps: list[Step], config: AttnResConfig) -> tuple[
 def plan_graph(graph: fx.Graph, parameters: set[fx.Node], config: AttnResConfig) -> Plan:
     """Find every residual stream of ``graph`` and lay out its blocks (no change to the graph)."""
     chains, skipped = find_residual_streams(graph, parameters)
+    order = topo_index(graph)
     streams: list[StreamPlan] = []
     for steps in chains:
-        stream, problem = _stream_plan(len(streams), steps, config)
+        stream, problem = _stream_plan(len(streams), steps, config, order)
         if problem is not None:
             skipped.append(problem)
         else:

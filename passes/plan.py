@@ -18,7 +18,11 @@ class LayerPlan:
 
     ``stream_in`` is the stream value the branches read; ``adds`` are the add
     nodes that put the branch outputs on the stream (two for a parallel
-    attention + MLP pair), ``branches`` the added values, in the same order.
+    attention + MLP pair), ``branches`` the added values, in the same order, and
+    ``branch_kinds`` what each computes (``"attention"``, ``"mlp"``, ``"moe"``).
+    ``module_path`` is the module the add was traced in, ``branch_modules``
+    the innermost module of each branch output (from ``nn_module_stack``; empty
+    when the graph does not record it).
     """
 
     index: int
@@ -26,6 +30,8 @@ class LayerPlan:
     adds: tuple[str, ...]
     branches: tuple[str, ...]
     module_path: str = ""
+    branch_kinds: tuple[str, ...] = ()
+    branch_modules: tuple[str, ...] = ()
 
     @property
     def stream_out(self) -> str:
@@ -34,6 +40,12 @@ class LayerPlan:
     @property
     def kind(self) -> str:
         return "parallel" if len(self.adds) > 1 else "sequential"
+
+    @property
+    def description(self) -> str:
+        """``"attention"``, ``"mlp"``, ``"moe"``, or ``"parallel (attention + mlp)"``."""
+        kinds = " + ".join(self.branch_kinds) or "branch"
+        return f"parallel ({kinds})" if self.kind == "parallel" else kinds
 
 
 @dataclass(frozen=True)
