@@ -9,6 +9,7 @@ reference) is the same thing, configurable.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
 from attnres_compile.passes import Plan, apply_plan, plan_graph
+from attnres_compile.passes.ir import copy_graph, tensor_value
 
 from .config import AttnResConfig
 from .queries import QueryBinding, read_query_marker, require_zero_queries, strip_query_marker
@@ -62,6 +64,13 @@ def graph_break_reason(gm: fx.GraphModule) -> Optional[str]:
     return None
 
 
+def source_device(graph: fx.Graph, plan: Plan) -> Optional[torch.device]:
+    """The device of the first stream's ``b_0``, from the graph's meta (None if unknown)."""
+    source = next((n for n in graph.nodes if n.name == plan.streams[0].source), None)
+    value = tensor_value(source) if source is not None else None
+    return value.device if value is not None and value.device.type != "meta" else None
+
+
 def _zero_queries(gm: fx.GraphModule, plan: Plan) -> list[fx.Node]:
     """Zero queries made inside the graph, for an unprepared model (not trainable).
 
@@ -69,11 +78,9 @@ def _zero_queries(gm: fx.GraphModule, plan: Plan) -> list[fx.Node]:
     tensors that it lifted itself from the user's module.
     """
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    device = source_device(gm.graph, plan)
     nodes = []
     for stream in plan.streams:
-        b0 = next(n for n in gm.graph.nodes if n.name == stream.source)
-        value = b0.meta.get("val", b0.meta.get("example_value"))
-        device = value.device if isinstance(value, torch.Tensor) else None
         with gm.graph.inserting_before(first):
             nodes.append(
                 gm.graph.call_function(
@@ -109,6 +116,62 @@ def _unrewritten(gm: fx.GraphModule, binding: Optional[QueryBinding]) -> Callabl
     return run_plain
 
 
+@dataclass
+class GraphRewrite:
+    """What :func:`rewrite_graph` did to one graph.
+
+    ``refused`` says why the graph was left as traced (None: it was rewritten);
+    ``before`` is a copy of the graph as traced (marker removed), kept on request.
+    """
+
+    plan: Plan
+    binding: Optional[QueryBinding]
+    refused: Optional[str] = None
+    before: Optional[fx.GraphModule] = None
+
+
+def rewrite_graph(
+    gm: fx.GraphModule, example_inputs: Sequence, config: Optional[AttnResConfig] = None, *, keep_before: bool = False
+) -> GraphRewrite:
+    """Plan a Dynamo graph and, when it holds a whole residual stream, rewrite it in place.
+
+    A prepared model's graph carries its queries and config (the marker is
+    removed here); an unprepared one gets zero, in-graph queries and ``config``.
+    Every refusal is logged with its reason and leaves the graph as traced.
+    """
+    binding = read_query_marker(gm)
+    strip_query_marker(gm)
+    before = fx.GraphModule(gm, copy_graph(gm.graph)) if keep_before else None
+    config = binding.config if binding is not None else (config or AttnResConfig())
+    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), config)
+    result = GraphRewrite(plan, binding, before=before)
+    if not plan.streams:
+        _log_once(logging.INFO, "attnres: no residual stream in this graph, running it unchanged (eager)\n%s", plan.summary())
+        result.refused = "no residual stream"
+        return result
+    broken = graph_break_reason(gm)
+    if broken is not None:
+        log.warning(
+            "attnres: %s; the layer stack is split across graphs, so this graph runs unchanged "
+            "(eager) rather than rewrite half a stream", broken,
+        )
+        result.refused = broken
+        return result
+    if binding is None:
+        _log_once(logging.INFO, "attnres: model was not prepared: using zero, non-trainable queries (call attnres_compile.prepare to train them)")
+        queries = _zero_queries(gm, plan)
+    else:
+        mismatch = _query_mismatch(binding, plan)
+        if mismatch is not None:
+            log.error("attnres: %s; this graph runs unchanged (eager)", mismatch)
+            result.refused = mismatch
+            return result
+        queries = binding.nodes
+    apply_plan(gm, plan, queries, config.scale)
+    log.info("attnres: rewrote graph\n%s", plan.summary())
+    return result
+
+
 class AttnResBackend:
     """A ``torch.compile`` backend that rewrites residual streams into Block AttnRes.
 
@@ -127,32 +190,10 @@ class AttnResBackend:
         self.plans: list[Plan] = []  # one per rewritten graph, in compile order
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        binding = read_query_marker(gm)
-        strip_query_marker(gm)
-        config = binding.config if binding is not None else (self.config or AttnResConfig())
-        plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), config)
-        if not plan.streams:
-            _log_once(logging.INFO, "attnres: no residual stream in this graph, running it unchanged (eager)\n%s", plan.summary())
-            return _unrewritten(gm, binding)
-        broken = graph_break_reason(gm)
-        if broken is not None:
-            log.warning(
-                "attnres: %s; the layer stack is split across graphs, so this graph runs unchanged "
-                "(eager) rather than rewrite half a stream", broken,
-            )
-            return _unrewritten(gm, binding)
-        if binding is None:
-            _log_once(logging.INFO, "attnres: model was not prepared: using zero, non-trainable queries (call attnres_compile.prepare to train them)")
-            queries = _zero_queries(gm, plan)
-        else:
-            mismatch = _query_mismatch(binding, plan)
-            if mismatch is not None:
-                log.error("attnres: %s; this graph runs unchanged (eager)", mismatch)
-                return _unrewritten(gm, binding)
-            queries = binding.nodes
-        apply_plan(gm, plan, queries, config.scale)
-        self.plans.append(plan)
-        log.info("attnres: rewrote graph\n%s", plan.summary())
+        result = rewrite_graph(gm, example_inputs, self.config)
+        if result.refused is not None:
+            return _unrewritten(gm, result.binding)
+        self.plans.append(result.plan)
         if not self.inductor:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx

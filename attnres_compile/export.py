@@ -13,7 +13,6 @@ they train, show in ``state_dict`` and are parameters of a re-exported program.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Optional, Sequence, Union
 
@@ -23,9 +22,9 @@ from torch import Tensor, nn
 
 import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
 from attnres_compile.passes import Plan, apply_plan, plan_graph
-from attnres_compile.passes.ir import tensor_value
+from attnres_compile.passes.ir import copy_graph, tensor_value
 
-from .backend import parameter_nodes
+from .backend import parameter_nodes, source_device
 from .config import AttnResConfig
 from .queries import QUERY_PREFIX, read_query_marker, strip_query_marker
 
@@ -72,13 +71,7 @@ def drop_noop_casts(graph: fx.Graph) -> int:
 
 def _cleaned_graph(gm: fx.GraphModule) -> fx.Graph:
     """A copy of ``gm``'s graph with the export-only clean-ups applied (``gm`` stays as it is)."""
-    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = gm.graph._codegen  # the calling convention (pytree specs), shared not copied
-    copied = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    if copied is not None:
-        value, old_output = copied
-        output = graph.output(value, type_expr=getattr(old_output, "type", None))
-        output.meta = copy.copy(old_output.meta)
+    graph = copy_graph(gm.graph)
     dropped = drop_noop_casts(graph)
     if dropped:
         log.debug("attnres: dropped %d no-op cast(s) before planning", dropped)
@@ -116,10 +109,9 @@ def _add_query_parameters(gm: fx.GraphModule, plan: Plan, values: list[Tensor]) 
 
 
 def _stream_device(gm: fx.GraphModule, plan: Plan) -> Optional[torch.device]:
-    source = next((n for n in gm.graph.nodes if n.name == plan.streams[0].source), None)
-    value = tensor_value(source) if source is not None else None
-    if value is not None and value.device.type != "meta":
-        return value.device
+    device = source_device(gm.graph, plan)
+    if device is not None:
+        return device
     param = next(gm.parameters(), None)
     return param.device if param is not None else None
 

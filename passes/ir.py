@@ -9,6 +9,7 @@ serves both dialects.
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any, Iterable, Optional
 
@@ -197,3 +198,19 @@ def flatten_nodes(arg: Any) -> Iterable[fx.Node]:
 def is_attnres_op(node: fx.Node) -> bool:
     """A call of one of this project's ops (``torch.ops.attnres.*``)."""
     return node.op == "call_function" and getattr(node.target, "namespace", None) == "attnres"
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` with the same node names and (shallow-copied) meta.
+
+    The calling convention (pytree specs of inputs and outputs) is shared, not
+    copied, so a ``GraphModule`` built on the copy is called like the original.
+    """
+    new = fx.Graph(tracer_cls=graph._tracer_cls)
+    new._codegen = graph._codegen
+    copied = new.graph_copy(graph, {}, return_output_node=True)
+    if copied is not None:
+        value, old_output = copied
+        output = new.output(value, type_expr=getattr(old_output, "type", None))
+        output.meta = copy.copy(old_output.meta)
+    return new
