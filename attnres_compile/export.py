@@ -162,8 +162,8 @@ def rewrite(
     fx.GraphModule
         The rewritten module, with parameters ``attnres_queries_<k>`` (fp32) and
         the plan in ``gm.meta["attnres_plan"]``. With no residual stream found
-        (post-norm models, no layers) the module comes back unchanged, and the
-        reason is logged.
+        (post-norm models, no layers) the module comes back unchanged, with the
+        reason logged and in the plan's skipped sites.
     """
     if isinstance(program, torch.export.ExportedProgram):
         gm = program.module()
@@ -183,6 +183,7 @@ def rewrite(
     plan = plan_graph(graph, parameter_nodes(gm, (), graph), config)
     if not plan.streams:
         log.info("attnres: no residual stream in this program, returning it unchanged\n%s", plan.summary())
+        gm.meta[PLAN_KEY] = plan  # what was looked at and why it was skipped
         return gm
     gm.graph = graph  # the plan names nodes of the cleaned copy
     if binding is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -26,26 +26,31 @@ def _call_model(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     return model(*args, **kwargs)
 
 
+def trace_graphs(model: nn.Module, example_inputs: tuple, example_kwargs: dict, on_graph: Callable) -> None:
+    """Run the model once under Dynamo and hand every graph to ``on_graph(gm, graph_inputs)``.
+
+    Runs without grad, through a throwaway frame (so this one-off trace stays out
+    of the Dynamo cache of the model's own forward, which every instance of its
+    class shares), with the random-number state restored afterwards so that
+    tracing does not shift a training run. ``on_graph`` returns what runs the graph.
+    """
+    frame = with_own_dynamo_cache(_call_model, "attnres_trace")
+    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.compile(frame, backend=on_graph)(model, example_inputs, example_kwargs)
+
+
 def trace_plans(
     model: nn.Module, example_inputs: tuple, example_kwargs: dict, config: AttnResConfig
 ) -> list[tuple[Plan, Optional[str]]]:
-    """Run the model once under Dynamo; plan every graph it produces.
-
-    Returns one ``(plan, graph_break_reason)`` per graph, in compile order. The
-    random-number state is restored so preparing does not shift a training run.
-    """
+    """Plan every graph of one traced run: one ``(plan, graph_break_reason)`` per graph, in compile order."""
     results: list[tuple[Plan, Optional[str]]] = []
 
-    def capture(gm, graph_inputs):
+    def plan(gm, graph_inputs):
         results.append((plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), config), graph_break_reason(gm)))
         return gm.forward
 
-    # A throwaway frame keeps this one-off trace out of the Dynamo cache of the
-    # model's own forward (shared by every instance of its class).
-    frame = with_own_dynamo_cache(_call_model, "prepare_trace")
-    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.compile(frame, backend=capture)(model, example_inputs, example_kwargs)
+    trace_graphs(model, example_inputs, example_kwargs, plan)
     return results
 
 

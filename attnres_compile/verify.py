@@ -107,16 +107,16 @@ def _projections(model: nn.Module, args: tuple, kwargs: dict, seed: int) -> list
 
 
 @contextlib.contextmanager
-def _queries_set_to(queries: AttnResQueries, values: list[torch.Tensor]):
-    saved = [q.detach().clone() for q in queries.streams]
+def _queries_set_to(queries: list[torch.Tensor], values: list[torch.Tensor]):
+    saved = [q.detach().clone() for q in queries]
     with torch.no_grad():
-        for q, v in zip(queries.streams, values):
+        for q, v in zip(queries, values):
             q.copy_(v)
     try:
         yield
     finally:
         with torch.no_grad():
-            for q, v in zip(queries.streams, saved):
+            for q, v in zip(queries, saved):
                 q.copy_(v)
 
 
@@ -188,7 +188,7 @@ def _verify_prepared(model, queries, args, kwargs, rtol, seed, report) -> None:
     # Scores s = w . rmsnorm(v) with |rmsnorm(v)| ~ sqrt(d): rows of std 1/sqrt(d) give O(1) scores.
     random = [torch.randn(q.shape, generator=gen).div(math.sqrt(q.shape[-1])).to(q.device) for q in queries.streams]
 
-    with _queries_set_to(queries, zeros):
+    with _queries_set_to(queries.streams, zeros):
         projections = _projections(model, args, kwargs, seed)
         eager = _run(model, model, args, kwargs, projections)
         backend = AttnResBackend()
@@ -196,7 +196,7 @@ def _verify_prepared(model, queries, args, kwargs, rtol, seed, report) -> None:
     _require_rewrite(report, backend, "zero-init identity")
     _compare_runs(report, "zero-init identity (compiled rewrite vs eager original)", compiled, eager, original, rtol)
 
-    with _queries_set_to(queries, random):
+    with _queries_set_to(queries.streams, random):
         reference_backend = AttnResBackend(inductor=False)
         reference = _run(_compiled(model, reference_backend), model, args, kwargs, projections)
         backend = AttnResBackend()
@@ -210,3 +210,34 @@ def _require_rewrite(report: VerifyReport, backend: AttnResBackend, what: str) -
     """A check whose backend never rewrote a graph would compare the plain model with itself."""
     if not backend.plans:
         report.notes.append(f"FAIL {what}: the backend rewrote no graph (Dynamo fell back or the stream was not found)")
+
+
+def verify_rewrite(
+    original: nn.Module,
+    rewritten: nn.Module,
+    example_inputs: tuple,
+    *,
+    example_kwargs: Optional[dict[str, Any]] = None,
+    rtol: float = 1e-5,
+    seed: int = 0,
+) -> VerifyReport:
+    """Zero-init identity of an export-path rewrite, forward and backward.
+
+    ``rewritten`` (e.g. ``rewrite(program)``) with its queries set to zero
+    against ``original`` (e.g. ``program.module()``): every output, and the
+    gradient of every parameter the two share. The queries are restored.
+    """
+    kwargs = example_kwargs or {}
+    report = VerifyReport(rtol=rtol)
+    queries = [p for n, p in rewritten.named_parameters() if is_query_parameter(n)]
+    if not queries:
+        report.notes.append("FAIL: the rewritten module has no attnres queries (nothing was rewritten)")
+        return report
+    shared = [n for n, _ in original.named_parameters()]
+    with _queries_set_to(queries, [torch.zeros_like(q) for q in queries]):
+        projections = _projections(original, example_inputs, kwargs, seed)
+        want = _run(original, original, example_inputs, kwargs, projections)
+        got = _run(rewritten, rewritten, example_inputs, kwargs, projections)
+    _compare_runs(report, "zero-init identity (rewritten vs original)", got, want, shared, rtol)
+    log.info("%s", report)
+    return report
