@@ -159,13 +159,9 @@ def load_target(spec: str, options: argparse.Namespace) -> Target:
 
 
 def _config(options: argparse.Namespace) -> AttnResConfig:
+    given = {"num_blocks": options.num_blocks, "block_size": options.block_size, "eps": options.eps}
     try:
-        return AttnResConfig(
-            num_blocks=options.num_blocks if options.num_blocks is not None else 8,
-            block_size=options.block_size,
-            scale=options.scale,
-            eps=options.eps,
-        )
+        return AttnResConfig(scale=options.scale, **{k: v for k, v in given.items() if v is not None})
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from error
 
