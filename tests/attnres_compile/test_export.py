@@ -145,12 +145,30 @@ def test_program_without_a_stream_comes_back_unchanged(factory, caplog):
     with caplog.at_level(logging.INFO, logger="attnres_compile"):
         result = rewrite(gm)
     assert result is gm and gm.code == code
-    assert _query_names(gm) == [] and PLAN_KEY not in gm.meta
+    assert _query_names(gm) == [] and not gm.meta[PLAN_KEY].streams
     assert "no residual stream in this program" in caplog.text
     if factory is hf_bert:
         assert "post-norm" in caplog.text
     with torch.no_grad():
         assert _rel_err(rewrite(ep)(*args, **kwargs), model(*args, **kwargs)) == 0
+
+
+def test_rewritten_program_fine_tunes_its_queries(exported):
+    model, args, kwargs, ep = exported["tiny_gpt"]
+    gm = rewrite(ep)
+    query = gm.get_parameter(f"{QUERY_PREFIX}0")
+    optimizer = torch.optim.AdamW(gm.parameters(), lr=1e-2)
+    targets = torch.randint(0, 64, args[0].shape, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        logits = gm(*args, **kwargs)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert query.abs().max() > 1e-3, "the optimizer moved the queries off zero"
+    assert losses[-1] < losses[0]
 
 
 def test_rewriting_twice_changes_nothing(exported, caplog):
