@@ -3,6 +3,11 @@
     python examples/quickstart.py            # ~1-2 minutes on a 2-core CPU
     python examples/quickstart.py --steps 30 --layers 2
 
+It saves the trained model to ``runs/quickstart.pt``; ``trained_model`` loads
+it back, so the command line can look at it:
+
+    attnres-compile plot examples/quickstart.py:trained_model alpha.png
+
 Steps: build a pre-norm GPT (examples/tiny_gpt.py), ``prepare`` it (adds the
 zero-initialized queries as parameters), ``torch.compile(model, backend="attnres")``
 (finds the residual stream, rewrites it into Block AttnRes, compiles with
@@ -12,8 +17,10 @@ Inductor), then train on bytes of the Python standard library's own source.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
+import os
 import time
 
 import torch
@@ -21,6 +28,9 @@ import torch
 import attnres_compile
 from offline_text import batch_iterator, load_corpus, split_train_val
 from tiny_gpt import GPTConfig, TinyGPT, loss_fn
+
+
+CHECKPOINT = os.path.join("runs", "quickstart.pt")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus-bytes", type=int, default=1_000_000)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--save", default=CHECKPOINT, help="where to save the trained model ('' to skip)")
     return parser.parse_args(argv)
 
 
@@ -80,7 +91,36 @@ def main(argv=None) -> dict:
             )
     val_loss = evaluate(compiled, val, args.batch, args.seq)
     print(f"train loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; validation loss {val_loss:.4f}")
+    if args.save:
+        save_checkpoint(model, args.save)
+        print(f"saved the trained model to {args.save}")
     return {"losses": losses, "val_loss": val_loss, "model": model}
+
+
+def save_checkpoint(model: TinyGPT, path: str) -> None:
+    """The model's config, its Block AttnRes config and its ``state_dict`` (queries included)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(
+        {"gpt": dataclasses.asdict(model.cfg), "attnres": model.attnres.config.to_dict(), "state_dict": model.state_dict()},
+        path,
+    )
+
+
+def trained_model(path: str = CHECKPOINT, batch: int = 4):
+    """``(model, (ids,))``: the saved model, prepared and loaded, and a validation batch.
+
+    A factory for the command line (``attnres-compile plot examples/quickstart.py:trained_model``).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run examples/quickstart.py first")
+    saved = torch.load(path)
+    cfg = GPTConfig(**saved["gpt"])
+    model = TinyGPT(cfg)
+    _, val = split_train_val(load_corpus(max_bytes=200_000))
+    ids, _ = next(batch_iterator(val, batch, cfg.max_len, torch.Generator().manual_seed(0)))
+    attnres_compile.prepare(model, (ids,), attnres_compile.AttnResConfig.from_dict(saved["attnres"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), (ids,)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ ARGS = ["--steps", "30", "--layers", "2", "--d-model", "32", "--batch", "8", "--
         "--num-blocks", "2", "--corpus-bytes", "200000", "--log-every", "10"]
 
 
-def test_quickstart_trains_queries_and_round_trips_through_state_dict():
-    result = quickstart.main(ARGS)
+def test_quickstart_trains_queries_and_round_trips_through_state_dict(tmp_path):
+    checkpoint = tmp_path / "quickstart.pt"
+    result = quickstart.main(ARGS + ["--save", str(checkpoint)])
     losses, model = result["losses"], result["model"]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -34,3 +35,11 @@ def test_quickstart_trains_queries_and_round_trips_through_state_dict():
         expected = torch.compile(model, backend="attnres")(idx)
         got = torch.compile(fresh, backend="attnres")(idx)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    restored, (ids,) = quickstart.trained_model(str(checkpoint))
+    assert torch.equal(restored.attnres.streams[0], queries)
+    assert restored.attnres.config == model.attnres.config
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.compile(restored, backend="attnres")(ids), torch.compile(model, backend="attnres")(ids), rtol=0, atol=0
+        )
