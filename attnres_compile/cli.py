@@ -93,6 +93,8 @@ def _import_factory(spec: str):
         if module_name.endswith(".py") or os.sep in module_name:
             if not os.path.isfile(module_name):
                 raise UsageError(f"no such file: {module_name}")
+            # as `python file.py` would: the file's folder is where its own imports are found
+            sys.path.insert(0, os.path.dirname(os.path.abspath(module_name)))
             file_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
             module = importlib.util.module_from_spec(file_spec)
             sys.modules[file_spec.name] = module  # dataclasses and pickling look the module up by name
