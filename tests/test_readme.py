@@ -2,8 +2,12 @@
 
 import pathlib
 import re
+import shlex
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHECKPOINT = "runs/quickstart.pt"
 
 
 def _readme_commands() -> list[str]:
@@ -22,3 +26,26 @@ def test_ci_runs_the_readme_commands_verbatim():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for command in _readme_commands():
         assert command in ci, f".ci/run does not run README's command: {command}"
+
+
+def _readme_cli_commands() -> list[list[str]]:
+    readme = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"<!-- cli commands -->\n```bash\n(.+?)\n```", readme, flags=re.S)
+    return [shlex.split(line) for line in block.splitlines()]
+
+
+def test_readme_cli_commands_run(tmp_path, monkeypatch, capsys):
+    from attnres_compile.cli import main
+
+    monkeypatch.chdir(ROOT)
+    commands = _readme_cli_commands()
+    assert [c[1] for c in commands] == ["inspect", "diff", "plot"]
+    for argv in commands:
+        assert argv[0] == ".venv/bin/attnres-compile"
+        argv = [str(tmp_path / pathlib.Path(a).name) if a.startswith("runs/") and a != CHECKPOINT else a for a in argv[1:]]
+        if "examples/quickstart.py:trained_model" in argv and not (ROOT / CHECKPOINT).exists():
+            pytest.skip(f"{CHECKPOINT} is written by README's set-up command (examples/quickstart.py)")
+        assert main(argv) == 0, argv
+    out = capsys.readouterr().out
+    assert "layers in 2 blocks" in out
+    assert (tmp_path / "diff.html").stat().st_size > 1000 and (tmp_path / "depth_weights.png").stat().st_size > 5000
