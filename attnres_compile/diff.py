@@ -590,7 +590,7 @@ class _Lanes:
 
     def labelled(self, j: int) -> bool:
         """Whether lane j gets its ``b_j`` label: all of them when there is room, else every few."""
-        return j % math.ceil(28 / self.spacing) == 0  # a label like "b12" is about 20 px wide
+        return j % math.ceil(22 / self.spacing) == 0  # a label like "b12" is about 20 px wide
 
 
 def _svg_block_band(stream: StreamPlan, block: int, top: float, width: float) -> str:
