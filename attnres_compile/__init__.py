@@ -12,6 +12,7 @@ from .config import AttnResConfig  # first: the passes import it
 
 from .backend import AttnResBackend, attnres_backend
 from .export import rewrite
+from .hf import from_pretrained, save_pretrained
 from .prepare import prepare
 from .queries import AttnResQueries
 from .verify import VerifyReport, verify
@@ -24,7 +25,9 @@ __all__ = [
     "AttnResQueries",
     "VerifyReport",
     "attnres_backend",
+    "from_pretrained",
     "prepare",
     "rewrite",
+    "save_pretrained",
     "verify",
 ]

@@ -44,7 +44,8 @@ def require_zero_queries(queries: list[Tensor], where: str = "eagerly") -> None:
     if any(bool(q.count_nonzero()) for q in queries):
         raise RuntimeError(
             "this model was prepared for Block AttnRes and its attnres queries are non-zero: "
-            "it only computes Block AttnRes when compiled, e.g. torch.compile(model, backend='attnres'); "
+            "it only computes Block AttnRes when compiled, e.g. torch.compile(model, backend='attnres'), or "
+            "model.compile(backend='attnres') for methods that call the model itself such as generate(); "
             f"running it {where} would silently drop the queries"
         )
 
