@@ -162,6 +162,28 @@ def is_plain_add(node: fx.Node) -> bool:
     return isinstance(a, fx.Node) and isinstance(b, fx.Node)
 
 
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow}
+
+
+def mutated_operand(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor ``node`` writes into in place (``x += y``, ``x.mul_(2)``, ``aten.add_``), or None."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node) or tensor_value(first) is None:
+        return None  # a SymInt ``n += 1`` mutates nothing
+    if node.op == "call_method":
+        name = str(node.target)
+        return first if name.endswith("_") and not name.startswith("_") else None
+    if node.op != "call_function":
+        return None
+    if node.target in _INPLACE_FUNCTIONS:
+        return first
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.arguments:
+        alias = schema.arguments[0].alias_info
+        return first if alias is not None and alias.is_write else None
+    return None
+
+
 _EPS_POSITION: dict[Any, int] = {
     F.layer_norm: 4, torch.layer_norm: 4, aten.layer_norm.default: 4,
     aten.native_layer_norm.default: 4, F.group_norm: 4,
