@@ -4,6 +4,7 @@
     model = torch.compile(model, backend="attnres")              # rewrite + Inductor
     report = attnres_compile.verify(model, example_inputs)        # numerics vs eager
     gm = attnres_compile.rewrite(torch.export.export(model, args))  # the export path
+    graphs = attnres_compile.inspect_model(model, example_inputs)   # dry run: plan, before/after
 """
 
 import logging
@@ -13,9 +14,10 @@ from .config import AttnResConfig  # first: the passes import it
 from .backend import AttnResBackend, attnres_backend
 from .export import rewrite
 from .hf import from_pretrained, save_pretrained
+from .inspect import inspect_model, inspect_program
 from .prepare import prepare
 from .queries import AttnResQueries
-from .verify import VerifyReport, verify
+from .verify import VerifyReport, verify, verify_rewrite
 
 logging.getLogger("attnres_compile").addHandler(logging.NullHandler())
 
@@ -26,8 +28,11 @@ __all__ = [
     "VerifyReport",
     "attnres_backend",
     "from_pretrained",
+    "inspect_model",
+    "inspect_program",
     "prepare",
     "rewrite",
     "save_pretrained",
     "verify",
+    "verify_rewrite",
 ]
