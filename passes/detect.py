@@ -26,6 +26,7 @@ from .ir import (
     data_inputs,
     is_attnres_op,
     is_plain_add,
+    mutated_operand,
     norm_eps,
     op_kind,
     scalar_args,
@@ -347,6 +348,36 @@ def _foreign_stream_read(chain: list[Step], graph: fx.Graph, order) -> Optional[
     return None
 
 
+def _stream_values(chain: list[Step]) -> list[fx.Node]:
+    """``b_0`` and every add of the chain: the values the rewrite replaces or erases."""
+    return [chain[0].stream_in] + [add for step in chain for add in step.adds]
+
+
+def _mutated_stream_value(chain: list[Step], order) -> Optional[SkippedSite]:
+    """A stream value written in place while someone else still reads it.
+
+    ``hidden.append(x); x += f`` makes the kept hidden state the *next* stream
+    value. The rewrite treats every add as a pure function (it erases them), so
+    a value read after an in-place write to it cannot be proven to keep its
+    meaning. (``x += f`` with no later reader is an ordinary step.)
+    """
+    for value in _stream_values(chain):
+        for writer in value.users:
+            if mutated_operand(writer) is not value:
+                continue
+            later = sorted(
+                (u for u in value.users if order[u] > order[writer] and value in data_inputs(u)),
+                key=order.__getitem__,
+            )
+            if later:
+                return SkippedSite(
+                    writer.name,
+                    f"writes into the stream value {value.name} in place, and {later[0].name} reads {value.name} "
+                    "after it (an alias of the updated stream): cannot prove the rewrite keeps it",
+                )
+    return None
+
+
 def find_residual_streams(
     graph: fx.Graph, parameters: set[fx.Node]
 ) -> tuple[list[list[Step]], list[SkippedSite]]:
@@ -373,7 +404,7 @@ def find_residual_streams(
     steps = _drop_nested_steps(steps, skipped)
     streams = []
     for chain in _chain_steps(steps, order, skipped):
-        problem = _foreign_stream_read(chain, graph, order)
+        problem = _foreign_stream_read(chain, graph, order) or _mutated_stream_value(chain, order)
         if problem is not None:
             skipped.append(problem)
             continue
