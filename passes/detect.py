@@ -153,14 +153,28 @@ def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced:
     return Fraction(0) if all(d == 0 for d in dep) else None
 
 
+def _scaled_base(inputs: list[fx.Node], degrees: dict, bases: dict) -> Optional[fx.Node]:
+    """The one variable the inputs' non-zero degrees are measured in, or None if they mix two."""
+    found = {bases[u] for u in inputs if u in bases and degrees[u] is not INDEPENDENT and degrees[u] != 0}
+    return found.pop() if len(found) == 1 else (None if found else False)
+
+
 def branch_degree(src: fx.Node, region: set[fx.Node], order: dict[fx.Node, int]):
     """Homogeneity degree of every region node as a function of ``src``.
 
     Returns ``(degrees, eps)``: a branch whose output has degree 0 reads ``src``
     only through a normalization; ``eps`` is the first norm's epsilon found.
+
+    A value that is not homogeneous in ``src`` (``silu(W x)``, ``W x + b``)
+    becomes a variable of its own, degree 1 in itself: a hand-written norm of it
+    (``y * rsqrt(mean(y**2) + eps)``) is then degree 0, as ``F.rms_norm`` of
+    anything is. This is what a post-branch norm (OLMo2: ``x + norm(mlp(x))``)
+    looks like. Degrees in two different variables never cancel: their
+    product or quotient is a new variable.
     """
     degrees: dict[fx.Node, Degree] = {src: Fraction(1)}
     reduced: dict[fx.Node, bool] = {src: False}
+    bases: dict[fx.Node, fx.Node] = {src: src}  # the variable each degree is measured in
 
     def degree_of(arg) -> Degree:
         return degrees.get(arg, INDEPENDENT) if isinstance(arg, fx.Node) else INDEPENDENT
@@ -172,8 +186,12 @@ def branch_degree(src: fx.Node, region: set[fx.Node], order: dict[fx.Node, int])
         is_reduction = kind in ("reduce", "var", "std", "var_mean", "norm", "native_norm")
         node_reduced = is_reduction or any(reduced.get(u, False) for u in inputs)
         ins = [degrees.get(u, INDEPENDENT) for u in inputs]
-        degree = _combine(node, kind, ins, node_reduced, degree_of)
+        base = _scaled_base(inputs, degrees, bases)
+        degree = None if base is None else _combine(node, kind, ins, node_reduced, degree_of)
+        if degree is None:  # not homogeneous in any one variable: a variable of its own
+            degree, base, node_reduced = Fraction(1), node, False
         degrees[node], reduced[node] = degree, node_reduced
+        bases[node] = base if isinstance(base, fx.Node) else src
         if eps is None:
             if kind in ("norm", "native_norm"):
                 eps = norm_eps(node)
