@@ -36,8 +36,9 @@ def op_name(node: fx.Node) -> str:
 def branch_kind(region: Iterable[fx.Node]) -> str:
     """``"attention"``, ``"moe"`` or ``"mlp"`` for the nodes of one branch."""
     names = [op_name(node) for node in region]
-    if any(op in name for name in names for op in _ATTENTION_OPS):
-        return ATTENTION
+    # Routing first: a MoE router normalizes its logits with a softmax too.
     if any(op in name for name in names for op in _ROUTING_OPS):
         return MOE
+    if any(op in name for name in names for op in _ATTENTION_OPS):
+        return ATTENTION
     return MLP

@@ -153,8 +153,11 @@ def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced:
     return Fraction(0) if all(d == 0 for d in dep) else None
 
 
-def _scaled_base(inputs: list[fx.Node], degrees: dict, bases: dict) -> Optional[fx.Node]:
-    """The one variable the inputs' non-zero degrees are measured in, or None if they mix two."""
+def _scaled_base(inputs: list[fx.Node], degrees: dict, bases: dict) -> Union[fx.Node, None, bool]:
+    """The one variable the inputs' non-zero degrees are measured in.
+
+    None if they mix two variables, False if no input has a non-zero degree.
+    """
     found = {bases[u] for u in inputs if u in bases and degrees[u] is not INDEPENDENT and degrees[u] != 0}
     return found.pop() if len(found) == 1 else (None if found else False)
 

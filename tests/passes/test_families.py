@@ -154,3 +154,45 @@ def test_degrees_in_two_different_variables_do_not_cancel():
     _, plan = dynamo_plan(UnmatchedScaleStack(3), x_input())
     assert plan.streams == (), plan.summary()
     assert any("raw" in site.reason for site in plan.skipped), plan.summary()
+
+
+class SoftmaxRoutedMoE(nn.Module):
+    """Mixtral routing: softmax over the router logits, then top-k, renormalized."""
+
+    def __init__(self, d=D, experts=4):
+        super().__init__()
+        self.router = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(GatedMlp(d) for _ in range(experts))
+
+    def forward(self, h):
+        weights = torch.softmax(self.router(h), dim=-1)
+        weights, chosen = weights.topk(2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        outputs = torch.stack([expert(h) for expert in self.experts], dim=-2)  # [..., E, d]
+        picked = outputs.gather(-2, chosen.unsqueeze(-1).expand(*chosen.shape, h.shape[-1]))
+        return (weights.unsqueeze(-1) * picked).sum(-2)
+
+
+class SoftmaxAttention(nn.Module):
+    def __init__(self, d=D):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, h):
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.moe = RMSNorm(), SoftmaxAttention(), RMSNorm(), SoftmaxRoutedMoE()
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.moe(self.norm2(x))
+
+
+def test_softmax_routed_moe_branch_is_moe_not_attention():
+    _, plan = dynamo_plan(MoEBlock(), x_input())
+    assert [layer.description for layer in plan.streams[0].layers] == ["attention", "moe"]
