@@ -3,6 +3,8 @@
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -49,3 +51,13 @@ def test_readme_cli_commands_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "layers in 2 blocks" in out
     assert (tmp_path / "diff.html").stat().st_size > 1000 and (tmp_path / "depth_weights.png").stat().st_size > 5000
+
+
+def test_readme_generation_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    (code,) = re.findall(r"<!-- generate example -->\n```python\n(.+?)\n```", readme, flags=re.S)
+    code += "\nassert tokens.shape == (1, 41), tokens.shape\nprint('generated', tokens.shape[1] - 9)\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "generated 32" in done.stdout
+    assert (tmp_path / "ckpt" / "config.json").exists()
