@@ -55,11 +55,16 @@ def _bind_queries_fake(x: Tensor, queries: list[Tensor], config: str) -> Tensor:
     return torch.empty_like(x)
 
 
+def _bind_queries_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.num_queries = len(inputs[1])
+
+
 def _bind_queries_backward(ctx: Any, grad: Tensor):
-    return grad, None, None
+    # The structure must mirror the inputs (x, list of queries, config): one None per query.
+    return grad, [None] * ctx.num_queries, None
 
 
-bind_queries.register_autograd(_bind_queries_backward)
+bind_queries.register_autograd(_bind_queries_backward, setup_context=_bind_queries_setup_context)
 
 
 QUERY_PREFIX = "attnres_queries_"

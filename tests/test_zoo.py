@@ -169,23 +169,19 @@ def test_t5_stacks_are_two_streams_and_the_encoder_output_is_no_decoder_source()
 # ---------------------------------------------------------------- numerics
 
 
-# verify's eager run of the prepared original backpropagates through attnres::bind_queries,
-# the identity that carries the queries into the graph. Its backward returns
-# (grad, None, None) for the inputs (x, list[Tensor], str); autograd only runs it when
-# the bound input is a float tensor (pixel values; token ids are integers) and then
-# rejects the structure: "Expected the return from backward to be of the same
-# structure as the inputs". The compiled model trains (test below); the fix belongs
-# in attnres_compile/queries.py (a list of Nones for the queries).
-EAGER_BIND_QUERIES_BACKWARD = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="attnres::bind_queries backward returns None, not a list, for its list of queries: "
-    "eager backward of a prepared model whose first input is a float tensor fails",
+# HF ViT/Dinov2 give attention's key projection a bias, whose gradient is zero in exact
+# arithmetic (softmax ignores a shift shared by all keys): the reference holds float noise
+# of ~1e-9, so verify's max-rel of that group compares noise with noise (0.6 measured) while
+# every other output and gradient is within 1e-6. verify needs an absolute floor for such
+# groups before these can pass.
+ZERO_GRADIENT_NOISE = pytest.mark.xfail(
+    strict=True, reason="key-projection bias gradient is analytically zero: rel error of float noise",
 )
-FLOAT_INPUT_MODELS = {"vit", "dinov2", "timm_style_vit"}
+ZERO_GRADIENT_MODELS = {"vit", "dinov2"}
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(name, marks=EAGER_BIND_QUERIES_BACKWARD) if name in FLOAT_INPUT_MODELS else name
+    pytest.param(name, marks=ZERO_GRADIENT_NOISE) if name in ZERO_GRADIENT_MODELS else name
     for name in sorted(FAMILIES)
 ])
 def test_verify_zero_init_identity_and_random_queries(name):
