@@ -9,7 +9,7 @@ from torch import nn
 
 import attnres_compile
 from attnres_compile import AttnResBackend, AttnResConfig
-from zoo import hf_bert, tiny_gpt
+from zoo import hf_bert, set_random_queries, tiny_gpt
 
 
 def test_backend_is_found_by_name_through_the_entry_point():
@@ -38,17 +38,10 @@ def test_post_norm_model_compiles_untouched(caplog):
     assert "no residual stream in this graph" in caplog.text
 
 
-def _random_queries(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for q in model.attnres.streams:
-            q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)
-
-
 def test_three_sequence_lengths_recompile_once_and_match_the_reference():
     model, args, _ = tiny_gpt()
     attnres_compile.prepare(model, args)
-    _random_queries(model)
+    set_random_queries(model)
     backend = AttnResBackend()
     compiled = torch.compile(model, backend=backend)
     reference = torch.compile(model, backend=AttnResBackend(inductor=False))
@@ -120,7 +113,7 @@ def test_model_called_on_the_stream_itself(prepared):
     model, x = nn.Sequential(*(_PreNormLayer(16) for _ in range(3))), torch.randn(2, 5, 16)
     if prepared:
         attnres_compile.prepare(model, (x,))
-        _random_queries(model)
+        set_random_queries(model)
     reference = torch.compile(model, backend=AttnResBackend(inductor=False))(x)
     compiled = torch.compile(model, backend=AttnResBackend())(x)
     torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-6)
@@ -138,7 +131,7 @@ def test_each_prepared_model_has_its_own_recompile_budget():
         torch.manual_seed(depth)
         model, x = nn.Sequential(*(_PreNormLayer(16) for _ in range(depth))), torch.randn(2, 3, 16)
         attnres_compile.prepare(model, (x,))
-        _random_queries(model)
+        set_random_queries(model)
         backend = AttnResBackend(inductor=False)
         torch.compile(model, backend=backend)(x)
         assert len(backend.plans) == 1, f"model {depth} was not compiled by the backend"

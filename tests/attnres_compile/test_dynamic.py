@@ -4,17 +4,10 @@ import torch
 
 import attnres_compile
 from attnres_compile import AttnResBackend
-from zoo import VOCAB, tiny_gpt
+from zoo import VOCAB, set_random_queries, tiny_gpt
 
 SEQUENCE_LENGTHS = (5, 9, 13, 17, 24)
 BATCH_SIZES = (2, 3)
-
-
-def _random_queries(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for q in model.attnres.streams:
-            q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)
 
 
 def _tokens(batch, seq):
@@ -28,7 +21,7 @@ def _tokens(batch, seq):
 def test_five_lengths_and_two_batch_sizes_compile_at_most_twice_and_match_the_reference():
     model, args, _ = tiny_gpt()
     attnres_compile.prepare(model, args)
-    _random_queries(model)
+    set_random_queries(model)
     backend = AttnResBackend()
     compiled = torch.compile(model, backend=backend)
     reference = torch.compile(model, backend=AttnResBackend(inductor=False))

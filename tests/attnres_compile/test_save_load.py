@@ -12,23 +12,16 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 import attnres_compile
 from attnres_compile import AttnResBackend, AttnResConfig
-from zoo import hf_gpt2, hf_llama
+from zoo import hf_gpt2, hf_llama, set_random_queries
 
 CONFIG = AttnResConfig(num_blocks=2)
 NO_CACHE = {"use_cache": False}
 
 
-def _random_queries(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for q in model.attnres.streams:
-            q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)
-
-
 def _prepared(factory):
     model, args, kwargs = factory()
     attnres_compile.prepare(model, args, CONFIG, example_kwargs=kwargs)
-    _random_queries(model)
+    set_random_queries(model)
     return model.eval(), args
 
 

@@ -211,3 +211,11 @@ FAMILIES = {
     "timm_style_vit": ("vision, in-place LayerScale + DropPath", timm_style_vit),
 }
 """name -> (family, factory); each factory returns ``(model, example_args, example_kwargs)``."""
+
+
+def set_random_queries(model: nn.Module, seed: int = 0) -> None:
+    """Fill a prepared model's queries with rows of std 1/sqrt(d) (O(1) read scores), in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in model.attnres.streams:
+            q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)
