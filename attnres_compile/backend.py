@@ -21,7 +21,13 @@ from attnres_compile.passes import Plan, apply_plan, plan_graph
 from attnres_compile.passes.ir import copy_graph, tensor_value
 
 from .config import AttnResConfig
-from .queries import QueryBinding, read_query_marker, require_zero_queries, strip_query_marker
+from .queries import (
+    QueryBinding,
+    enclosing_prepared_model,
+    read_query_marker,
+    require_zero_queries,
+    strip_query_marker,
+)
 
 log = logging.getLogger("attnres_compile")
 _logged_once: set[str] = set()
@@ -116,6 +122,16 @@ def _unrewritten(gm: fx.GraphModule, binding: Optional[QueryBinding]) -> Callabl
     return run_plain
 
 
+def _fragment_of_prepared_model(owner: nn.Module) -> str:
+    return (
+        f"this graph holds part of the layer stack of {type(owner).__name__}, which was prepared for Block "
+        "AttnRes, but not its forward: a graph break made the forward run eagerly and Dynamo compiled a "
+        "submodule on its own, where the model's queries cannot reach. FSDP2 causes this when fully_shard "
+        "wraps modules inside the stack (Dynamo does not trace FSDP2's hooks): shard only the root module. "
+        "TORCH_LOGS=graph_breaks shows other breaks. The graph runs unchanged (plain residuals)"
+    )
+
+
 @dataclass
 class GraphRewrite:
     """What :func:`rewrite_graph` did to one graph.
@@ -146,8 +162,16 @@ def rewrite_graph(
     plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), config)
     result = GraphRewrite(plan, binding, before=before)
     if not plan.streams:
-        _log_once(logging.INFO, "attnres: no residual stream in this graph, running it unchanged (eager)\n%s", plan.summary())
         result.refused = "no residual stream"
+        if binding is not None:
+            # prepare() found the stack in this forward's graph: now it is elsewhere.
+            log.error(
+                "attnres: the forward of a model prepared for Block AttnRes traced to a graph without its "
+                "residual stream (%s); the layer stack must stay in one graph. It runs unchanged (plain residuals)",
+                graph_break_reason(gm) or "no graph break recorded",
+            )
+            return result
+        _log_once(logging.INFO, "attnres: no residual stream in this graph, running it unchanged (eager)\n%s", plan.summary())
         return result
     broken = graph_break_reason(gm)
     if broken is not None:
@@ -156,6 +180,10 @@ def rewrite_graph(
             "(eager) rather than rewrite half a stream", broken,
         )
         result.refused = broken
+        return result
+    if binding is None and (owner := enclosing_prepared_model()) is not None:
+        result.refused = _fragment_of_prepared_model(owner)
+        log.error("attnres: %s", result.refused)
         return result
     if binding is None:
         _log_once(logging.INFO, "attnres: model was not prepared: using zero, non-trainable queries (call attnres_compile.prepare to train them)")

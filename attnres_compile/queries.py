@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -158,6 +159,24 @@ class AttnResForward:
         return inspect.signature(type(self.module).forward.__get__(self.module))
 
     __call__ = _forward_with_queries
+
+
+def enclosing_prepared_model() -> Optional[nn.Module]:
+    """The prepared model whose forward is running around the current compile, if any.
+
+    Dynamo compiles a submodule's forward as a frame of its own when a graph
+    break (e.g. FSDP2's per-module hooks, which Dynamo never traces) made the
+    prepared forward fall back to eager: that forward's
+    :class:`AttnResForward` frame is then still on the Python stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == __file__:  # the wrapper's body is defined in this file
+            wrapper = frame.f_locals.get("self")
+            if isinstance(wrapper, AttnResForward):
+                return wrapper.module
+        frame = frame.f_back
+    return None
 
 
 def _bind_first_tensor(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

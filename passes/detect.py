@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Optional, Union
 
+import torch
 import torch.fx as fx
 
 from .ir import (
@@ -248,11 +249,32 @@ def check_branch(
     return BranchCheck(True, region, eps)
 
 
-def _same_float_shape(a: fx.Node, b: fx.Node) -> bool:
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     va, vb = tensor_value(a), tensor_value(b)
     if va is None or vb is None:
         return va is None and vb is None  # no meta: let structure decide
-    return va.is_floating_point() and vb.is_floating_point() and tuple(va.shape) == tuple(vb.shape)
+    return tuple(va.shape) == tuple(vb.shape)
+
+
+def _non_floating_dtype(a: fx.Node, b: fx.Node) -> Optional[torch.dtype]:
+    """The dtype of an add's operands when it is not a real floating-point one (None otherwise)."""
+    for value in (tensor_value(a), tensor_value(b)):
+        if value is not None and not value.is_floating_point():
+            return value.dtype
+    return None
+
+
+def _note_non_floating_step(node, a, b, dtype, order, parameters, skipped: list[SkippedSite]) -> None:
+    """An add of a weighted branch onto an integer or complex value is no step; say so, naming the dtype."""
+    if len(skipped) >= _MAX_SKIP_NOTES:
+        return
+    for src, branch in ((a, b), (b, a)):
+        check = check_branch(src, branch, order, parameters)
+        if check.ok or (check.region and _has_weight(check.region, parameters)):
+            skipped.append(SkippedSite(
+                node.name, f"a residual step on a {dtype} stream: Block AttnRes reads need a real floating-point stream",
+            ))
+            return
 
 
 def _find_steps(graph: fx.Graph, order, parameters, skipped: list[SkippedSite]) -> list[Step]:
@@ -262,7 +284,11 @@ def _find_steps(graph: fx.Graph, order, parameters, skipped: list[SkippedSite]) 
         if not is_plain_add(node):
             continue
         a, b = node.args[0], node.args[1]
-        if not _same_float_shape(a, b):
+        if not _same_shape(a, b):
+            continue
+        dtype = _non_floating_dtype(a, b)
+        if dtype is not None:
+            _note_non_floating_step(node, a, b, dtype, order, parameters, skipped)
             continue
         if _extend_parallel(node, a, b, by_output, order, parameters):
             continue

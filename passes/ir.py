@@ -102,6 +102,12 @@ def _aten_kinds() -> dict[Any, str]:
 _FUNCTION_KINDS.update(_aten_kinds())
 
 
+_METADATA_ATTRIBUTES = frozenset({
+    "shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized", "is_meta",
+    "requires_grad", "names",
+})
+
+
 def op_kind(node: fx.Node) -> Optional[str]:
     """Canonical kind of ``node`` (``"add"``, ``"mul"``, ``"norm"`` ...) or None.
 
@@ -112,7 +118,8 @@ def op_kind(node: fx.Node) -> Optional[str]:
         return _METHOD_KINDS.get(node.target)
     if node.op == "call_function":
         if node.target is getattr:
-            return "meta"
+            # x.shape / x.dtype read metadata; x.real, x.T, x.mT ... read the values.
+            return "meta" if node.args[1:2] and node.args[1] in _METADATA_ATTRIBUTES else None
         try:
             return _FUNCTION_KINDS.get(node.target)
         except TypeError:  # unhashable target

@@ -48,14 +48,16 @@ class PrintingStack(nn.Module):
 class SideBranchStack(nn.Module):
     """A side branch reads the raw stream after layer 0 and feeds layer 3 directly."""
 
-    def __init__(self):
+    def __init__(self, through_attribute=False):
         super().__init__()
         self.layers = nn.ModuleList(Layer() for _ in range(4))
         self.side = nn.Linear(D, D)
+        self.through_attribute = through_attribute
 
     def forward(self, x):
         x = self.layers[0](x * 1.0)
-        side = self.side(x)
+        # x.mT.mT is x: a read through tensor attributes is still a read of the values
+        side = self.side(x.mT.mT if self.through_attribute else x)
         x = self.layers[2](self.layers[1](x))
         x = x + self.layers[3].f(self.layers[3].norm(x) + side)
         return x
@@ -81,9 +83,10 @@ def test_print_inside_the_stack_is_a_graph_break_refused_by_prepare_and_run_unch
     assert "inside the stack" in capsys.readouterr().out
 
 
-def test_side_branch_reading_the_raw_stream_is_refused_naming_the_node(caplog):
+@pytest.mark.parametrize("through_attribute", [False, True])
+def test_side_branch_reading_the_raw_stream_is_refused_naming_the_node(caplog, through_attribute):
     torch.manual_seed(0)
-    model, x = SideBranchStack(), torch.randn(2, 3, D)
+    model, x = SideBranchStack(through_attribute), torch.randn(2, 3, D)
     keys = model.state_dict().keys()
     with caplog.at_level(logging.WARNING, logger="attnres_compile"):
         attnres_compile.prepare(model, (x,))
@@ -153,6 +156,8 @@ def test_non_floating_streams_are_left_untouched(model_class, caplog):
         attnres_compile.prepare(model, (x,))
     assert_untouched(model, keys)
     assert "no residual stream" in caplog.text and "left untouched" in caplog.text
+    dtype = {ComplexStack: "torch.complex64", IntegerStack: "torch.int64"}[model_class]
+    assert f"a residual step on a {dtype} stream" in caplog.text
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3), (torch.float64, 1e-12)])
@@ -173,3 +178,25 @@ def test_half_and_double_models_rewrite_with_zero_init_identity(dtype, rtol):
     assert len(backend.plans) == 1 and got.dtype == dtype
     error = float((got.double() - want.double()).abs().max() / want.double().abs().max())
     assert error <= rtol, f"{dtype}: relative error {error:.3g}"
+
+
+def test_graph_breaks_at_every_block_after_prepare_rewrite_nothing_and_say_why(caplog):
+    """A forward pre-hook that Dynamo may not trace (as FSDP2's per-module hooks) splits the stack.
+
+    Each block is then compiled on its own, where the prepared model's queries
+    cannot reach: no fragment may be rewritten with stand-in zero queries.
+    """
+    model, args, _ = tiny_gpt()
+    attnres_compile.prepare(model, args)
+    untraceable = torch._dynamo.disable(lambda module, inputs: None)
+    for block in model.blocks:
+        block.register_forward_pre_hook(untraceable)
+    backend = AttnResBackend(inductor=False)
+    with caplog.at_level(logging.ERROR, logger="attnres_compile"):
+        with torch.no_grad():
+            out = torch.compile(model, backend=backend)(*args)
+    assert not backend.plans
+    assert "holds part of the layer stack of TinyGPT, which was prepared" in caplog.text
+    assert "shard only the root module" in caplog.text
+    assert "traced to a graph without its residual stream" in caplog.text
+    torch.testing.assert_close(out, type(model).forward(model, *args))  # zero queries: the plain model

@@ -51,3 +51,39 @@ def test_verify_reports_a_model_without_stream():
     report = attnres_compile.verify(model, args)
     assert not report.ok
     assert "no residual stream" in str(report)
+
+
+# ---------------------------------------------------------------- analytically zero gradients
+
+
+def _report_of(got: dict, want: dict):
+    from attnres_compile.verify import VerifyReport, _compare_runs
+
+    report = VerifyReport()
+    out = [torch.ones(2)]
+    _compare_runs(report, "check", (out, got), (out, want), sorted(want), rtol=1e-5)
+    return {c.name: c for c in report.comparisons}
+
+
+def test_a_zero_gradient_is_measured_against_the_largest_gradient():
+    """Float noise of ~1e-10 on both sides of a gradient of 3: the group is '~0' and passes."""
+    want = {"w": torch.full((3,), 3.0), "bias": torch.tensor([2e-10, -1e-10])}
+    got = {"w": torch.full((3,), 3.0), "bias": torch.tensor([-2e-10, 3e-10])}
+    comparisons = _report_of(got, want)
+    assert comparisons["grad bias"].floored and comparisons["grad bias"].ok
+    assert comparisons["grad bias"].max_rel == pytest.approx(4e-10 / 3.0)
+    assert not comparisons["grad w"].floored
+
+
+def test_a_wrong_gradient_where_the_truth_is_zero_still_fails():
+    want = {"w": torch.full((3,), 3.0), "bias": torch.zeros(2)}
+    got = {"w": torch.full((3,), 3.0), "bias": torch.tensor([1e-3, 0.0])}
+    assert not _report_of(got, want)["grad bias"].ok
+
+
+def test_a_small_nonzero_gradient_keeps_its_own_scale():
+    """1e-4 of the largest gradient is above the floor: a 1% error in it fails."""
+    want = {"w": torch.full((3,), 3.0), "small": torch.tensor([3e-4])}
+    got = {"w": torch.full((3,), 3.0), "small": torch.tensor([3.03e-4])}
+    small = _report_of(got, want)["grad small"]
+    assert not small.floored and not small.ok

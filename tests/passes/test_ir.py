@@ -65,6 +65,9 @@ def _graph_with(op, target, *args, **kwargs):
         ("call_method", "new_zeros", ("x", (2,)), "meta"),
         ("call_function", torch.zeros_like, ("x",), "meta"),
         ("call_function", getattr, ("x", "shape"), "meta"),
+        ("call_function", getattr, ("x", "dtype"), "meta"),
+        ("call_function", getattr, ("x", "real"), None),  # attributes that read values are no metadata
+        ("call_function", getattr, ("x", "mT"), None),
         ("call_function", operator.getitem, ("x", 0), "getitem"),
         # aten IR
         ("call_function", aten.add.Tensor, ("x", "y"), "add"),
