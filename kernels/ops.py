@@ -18,25 +18,106 @@ Ops (schemas are pinned; the passes find the reads by these names)::
 Each op is a ``torch.library.triton_op``: eager calls run the body; under
 ``torch.compile`` AOTAutograd decomposes the op into its body, so Inductor sees
 (and fuses) what is inside it -- the PyTorch reference on CPU (compiled to
-C++), ``wrap_triton`` kernels on CUDA once they exist -- while ``torch.export``
-keeps each op as one node. The body also serves as the fake kernel, so it must
-stay traceable under FakeTensor and symbolic shapes: no ``.item()``, no
-data-dependent control flow. Each forward op has ``register_autograd`` whose
-backward is the matching ``*_backward`` op, so the backward is one node too.
+C++), the ``wrap_triton`` kernels on CUDA, which Inductor keeps as user-defined
+Triton kernels in its output code -- while ``torch.export`` keeps each op as
+one node. The body also serves as the fake kernel, so it must stay traceable
+under FakeTensor and symbolic shapes: no ``.item()``, no data-dependent control
+flow. Each forward op has ``register_autograd`` whose backward is the matching
+``*_backward`` op, so the backward is one node too.
+
+Which path a body takes (decided from dtypes and devices only, so it traces):
+
+- the Triton kernels (``triton_read``, ``triton_block_read``, ``triton_merge``)
+  for CUDA tensors of fp32, bf16 or fp16;
+- the same kernels under the Triton interpreter for real (not fake) tensors on
+  any device when the process runs with ``TRITON_INTERPRET=1`` (set before this
+  package is imported): that is how the CPU tests exercise them;
+- the PyTorch reference (``reference``) otherwise: CPU, fp64, a missing Triton,
+  empty tensors.
+
+Phase 2 (``attnres::merge`` and its backward) can instead stay on aten ops on
+CUDA, which Inductor fuses with the add that forms the partial: set
+:data:`MERGE_IMPL` to ``"aten"`` (or ``ATTNRES_MERGE_IMPL=aten`` in the
+environment before import). The default is ``"triton"`` until both have been
+measured side by side on a GPU (``benchmarks/bench_read.py`` times both).
+A layer without a partial (``h = scale * o``) always uses aten ops.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+import logging
+import os
+from types import ModuleType
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 
-__all__ = ["attnres_block_read", "attnres_merge", "attnres_read"]
+__all__ = ["MERGE_IMPL", "attnres_block_read", "attnres_merge", "attnres_read"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EPS = 1e-6
+
+MERGE_IMPL = os.environ.get("ATTNRES_MERGE_IMPL", "triton")
+"""Phase 2 on the Triton path: ``"triton"`` (the kernel, default) or ``"aten"`` (the reference ops)."""
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------
+# Path choice (dtype, device and fake-ness only: safe while tracing)
+# --------------------------------------------------------------------------
+
+
+class _TritonKernels(NamedTuple):
+    read: ModuleType  # triton_read
+    block_read: ModuleType  # triton_block_read
+    merge: ModuleType  # triton_merge
+    interpreted: bool  # decorated under TRITON_INTERPRET=1
+
+
+@functools.cache
+def _triton_kernels() -> Optional[_TritonKernels]:
+    """The kernel modules, imported on first use (so a CPU-only process never imports
+    Triton for them); None where Triton is not installed."""
+    try:
+        from . import triton_block_read, triton_common, triton_merge, triton_read
+    except ImportError as error:
+        log.debug("Triton kernels unavailable (%s): the reference path only", error)
+        return None
+    return _TritonKernels(triton_read, triton_block_read, triton_merge, triton_common.INTERPRETED)
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _use_triton(*tensors: Optional[Tensor]) -> bool:
+    """Whether the Triton kernels take these tensors (None entries are ignored); see the docstring."""
+    present = [t for t in tensors if t is not None]
+    if any(t.dtype not in _TRITON_DTYPES or t.numel() == 0 for t in present):
+        return False
+    on_cuda = all(t.device.type == "cuda" for t in present)
+    if not (on_cuda or _interpreter_requested()):
+        return False
+    kernels = _triton_kernels()
+    if kernels is None:
+        return False
+    if kernels.interpreted:
+        # Interpreted kernels run on real data only; traced (fake) calls take the reference.
+        return not torch.compiler.is_compiling() and not any(is_fake(t) for t in present)
+    return on_cuda
+
+
+def _use_triton_merge(*tensors: Optional[Tensor]) -> bool:
+    if MERGE_IMPL not in ("triton", "aten"):
+        raise ValueError(f"attnres::merge: MERGE_IMPL must be 'triton' or 'aten', got {MERGE_IMPL!r}")
+    return MERGE_IMPL == "triton" and _use_triton(*tensors)
 
 
 # --------------------------------------------------------------------------
@@ -119,6 +200,8 @@ def _check_merge(op: str, o: Tensor, lse: Tensor, partial: Optional[Tensor], que
 def _read(sources: list[Tensor], query: Tensor, eps: float, scale: float) -> Tensor:
     _check_sources("attnres::read", sources)
     _check_query("attnres::read", "query", query, sources[0].shape[-1], sources[0], rows=False)
+    if _use_triton(*sources, query):
+        return _triton_kernels().read.read_forward(sources, query, eps, scale)
     return reference.read_forward(sources, query, eps, scale)
 
 
@@ -126,7 +209,10 @@ def _read(sources: list[Tensor], query: Tensor, eps: float, scale: float) -> Ten
 def _read_backward(
     grad: Tensor, sources: list[Tensor], query: Tensor, eps: float, scale: float
 ) -> list[Tensor]:
-    grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
+    if _use_triton(grad, *sources, query):
+        grad_sources, grad_query = _triton_kernels().read.read_backward(grad, sources, query, eps, scale)
+    else:
+        grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
     return [*grad_sources, grad_query]
 
 
@@ -156,6 +242,8 @@ def _block_read(sources: list[Tensor], queries: Tensor, eps: float) -> tuple[Ten
     _check_query(
         "attnres::block_read", "queries", queries, sources[0].shape[-1], sources[0], rows=True
     )
+    if _use_triton(*sources, queries):
+        return _triton_kernels().block_read.block_read_forward(sources, queries, eps)
     return reference.block_read_forward(sources, queries, eps)
 
 
@@ -163,9 +251,14 @@ def _block_read(sources: list[Tensor], queries: Tensor, eps: float) -> tuple[Ten
 def _block_read_backward(
     grad_o: Tensor, grad_lse: Tensor, sources: list[Tensor], queries: Tensor, eps: float
 ) -> list[Tensor]:
-    grad_sources, grad_queries = reference.block_read_backward(
-        grad_o, grad_lse, sources, queries, eps
-    )
+    if _use_triton(grad_o, grad_lse, *sources, queries):
+        grad_sources, grad_queries = _triton_kernels().block_read.block_read_backward(
+            grad_o, grad_lse, sources, queries, eps
+        )
+    else:
+        grad_sources, grad_queries = reference.block_read_backward(
+            grad_o, grad_lse, sources, queries, eps
+        )
     return [*grad_sources, grad_queries]
 
 
@@ -204,6 +297,8 @@ def _merge(
     o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
 ) -> Tensor:
     _check_merge("attnres::merge", o, lse, partial, query)
+    if partial is not None and _use_triton_merge(o, lse, partial, query):
+        return _triton_kernels().merge.merge_forward(o, lse, partial, query, eps, scale)
     return reference.merge_forward(o, lse, partial, query, eps, scale)
 
 
@@ -217,9 +312,14 @@ def _merge_backward(
     eps: float,
     scale: float,
 ) -> list[Tensor]:
-    grad_o, grad_lse, grad_partial, grad_query = reference.merge_backward(
-        grad, o, lse, partial, query, eps, scale
-    )
+    if partial is not None and _use_triton_merge(grad, o, lse, partial, query):
+        grad_o, grad_lse, grad_partial, grad_query = _triton_kernels().merge.merge_backward(
+            grad, o, lse, partial, query, eps, scale
+        )
+    else:
+        grad_o, grad_lse, grad_partial, grad_query = reference.merge_backward(
+            grad, o, lse, partial, query, eps, scale
+        )
     if grad_partial is None:
         return [grad_o, grad_lse, grad_query]
     return [grad_o, grad_lse, grad_partial, grad_query]
