@@ -1,19 +1,10 @@
 """Phase-1 Triton kernels (kernels/triton_block_read.py) against the PyTorch reference.
 
-Runs on CUDA, or on CPU under the Triton interpreter: tests/kernels/test_triton_interpreter.py
-starts these files in a process with TRITON_INTERPRET=1 (it must be set before
-``triton.jit`` decorates the kernels, i.e. before the package is imported).
-
-Tolerances, as max |got - want| / max |want| against the fp32 reference run on the
-same (rounded) inputs: fp32 2e-5 (fp32 accumulation in another order); bf16 and fp16
-outputs 1e-2: one rounding of the result, at most 2^-7 relative for bf16 (one ulp:
-the Triton 3.9 interpreter rounds fp32 -> bf16 toward zero, a GPU to nearest, half
-that), plus reduction order.
+Runs on CUDA, or on CPU under the Triton interpreter; where and with which
+tolerances: tests/support/triton_testing.py.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -21,21 +12,9 @@ import torch
 from attnres_compile.kernels import ops
 from attnres_compile.kernels import reference as ref
 from attnres_compile.kernels import triton_block_read as tbr
+from triton_testing import DEVICE, EPS, TOL, needs_triton_device, rel_err
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
-pytestmark = pytest.mark.skipif(
-    not (INTERPRETING or torch.cuda.is_available()),
-    reason="needs CUDA or TRITON_INTERPRET=1 (test_triton_interpreter.py runs this file so)",
-)
-
-EPS = 1e-6
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double().cpu(), want.double().cpu()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+pytestmark = needs_triton_device
 
 
 def _case(n, s, shape, dtype, seed=0):
@@ -72,16 +51,16 @@ def test_block_read_forward_backward_match_reference(n, s, shape, dtype):
     want_o, want_lse = ref.block_read_forward(f32, queries, EPS)
     assert o.shape == (s, *shape) and o.dtype == dtype
     assert lse.shape == (s, *shape[:-1]) and lse.dtype == torch.float32
-    assert _rel_err(o, want_o) <= tol
-    assert _rel_err(lse, want_lse) <= 2e-5  # fp32 for every input dtype
+    assert rel_err(o, want_o) <= tol
+    assert rel_err(lse, want_lse) <= 2e-5  # fp32 for every input dtype
 
     grads, grad_queries = tbr.block_read_backward(grad_o, grad_lse, sources, queries, EPS)
     want_grads, want_queries = ref.block_read_backward(grad_o.float(), grad_lse, f32, queries, EPS)
     assert len(grads) == n
     for got, want in zip(grads, want_grads, strict=True):
         assert got.dtype == dtype and got.shape == shape
-        assert _rel_err(got, want) <= tol
-    assert grad_queries.dtype == torch.float32 and _rel_err(grad_queries, want_queries) <= 2e-5
+        assert rel_err(got, want) <= tol
+    assert grad_queries.dtype == torch.float32 and rel_err(grad_queries, want_queries) <= 2e-5
 
 
 @pytest.mark.parametrize("n,s,shape,dtype", [CASES[1], CASES[4]], ids=_ID)
@@ -91,8 +70,8 @@ def test_tiled_forward_matches_reference(monkeypatch, n, s, shape, dtype):
     sources, queries, _, _ = _case(n, s, shape, dtype)
     o, lse = tbr.block_read_forward(sources, queries, EPS)
     want_o, want_lse = ref.block_read_forward([v.float() for v in sources], queries, EPS)
-    assert o.dtype == dtype and _rel_err(o, want_o) <= TOL[dtype]
-    assert _rel_err(lse, want_lse) <= 2e-5
+    assert o.dtype == dtype and rel_err(o, want_o) <= TOL[dtype]
+    assert rel_err(lse, want_lse) <= 2e-5
 
 
 def test_several_column_blocks_and_token_blocks_per_program(monkeypatch):
@@ -103,11 +82,11 @@ def test_several_column_blocks_and_token_blocks_per_program(monkeypatch):
     sources, queries, grad_o, grad_lse = _case(2, 2, (7, 130), torch.float32, seed=4)
     o, lse = tbr.block_read_forward(sources, queries, EPS)
     want_o, want_lse = ref.block_read_forward(sources, queries, EPS)
-    assert _rel_err(o, want_o) <= 2e-5 and _rel_err(lse, want_lse) <= 2e-5
+    assert rel_err(o, want_o) <= 2e-5 and rel_err(lse, want_lse) <= 2e-5
     grads, grad_queries = tbr.block_read_backward(grad_o, grad_lse, sources, queries, EPS)
     want_grads, want_queries = ref.block_read_backward(grad_o, grad_lse, sources, queries, EPS)
     for got, want in zip([*grads, grad_queries], [*want_grads, want_queries], strict=True):
-        assert _rel_err(got, want) <= 2e-5
+        assert rel_err(got, want) <= 2e-5
 
 
 def test_block_read_backward_matches_autograd_of_the_forward():
@@ -119,7 +98,7 @@ def test_block_read_backward_matches_autograd_of_the_forward():
     want = torch.autograd.grad((o, lse), [*f64, w64], (grad_o.double(), grad_lse.double()))
     grads, grad_queries = tbr.block_read_backward(grad_o, grad_lse, sources, queries, EPS)
     for got, exp in zip([*grads, grad_queries], want, strict=True):
-        assert _rel_err(got, exp) <= 2e-5
+        assert rel_err(got, exp) <= 2e-5
 
 
 def test_more_queries_than_one_launch_takes():
@@ -127,11 +106,11 @@ def test_more_queries_than_one_launch_takes():
     sources, queries, grad_o, grad_lse = _case(2, s, (2, 5), torch.float32, seed=2)
     o, lse = tbr.block_read_forward(sources, queries, EPS)
     want_o, want_lse = ref.block_read_forward(sources, queries, EPS)
-    assert _rel_err(o, want_o) <= 2e-5 and _rel_err(lse, want_lse) <= 2e-5
+    assert rel_err(o, want_o) <= 2e-5 and rel_err(lse, want_lse) <= 2e-5
     grads, grad_queries = tbr.block_read_backward(grad_o, None, sources, queries, EPS)
     want_grads, want_queries = ref.block_read_backward(grad_o, None, sources, queries, EPS)
     for got, want in zip([*grads, grad_queries], [*want_grads, want_queries], strict=True):
-        assert _rel_err(got, want) <= 2e-5
+        assert rel_err(got, want) <= 2e-5
 
 
 def test_op_runs_the_kernels_fwd_and_bwd(monkeypatch):
@@ -148,7 +127,7 @@ def test_op_runs_the_kernels_fwd_and_bwd(monkeypatch):
     assert calls == ["block_read_forward", "block_read_backward"]
     want = ref.block_read_backward(grad_o, grad_lse, [v.detach() for v in sources], queries.detach(), EPS)
     for g, w in zip(got, [*want[0], want[1]], strict=True):
-        assert _rel_err(g, w) <= 2e-5
+        assert rel_err(g, w) <= 2e-5
 
 
 def test_fp64_stays_on_the_reference(monkeypatch):

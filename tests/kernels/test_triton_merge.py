@@ -1,13 +1,11 @@
 """Phase-2 Triton kernels (kernels/triton_merge.py) against the PyTorch reference.
 
 Runs on CUDA, or on CPU under the Triton interpreter (test_triton_interpreter.py
-starts this file with TRITON_INTERPRET=1). Tolerances as in test_triton_block_read.py:
+starts this file with TRITON_INTERPRET=1). Tolerances (tests/support/triton_testing.py):
 fp32 2e-5, bf16/fp16 1e-2 relative to the largest reference value.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -15,21 +13,9 @@ import torch
 from attnres_compile.kernels import ops
 from attnres_compile.kernels import reference as ref
 from attnres_compile.kernels import triton_merge as tm
+from triton_testing import DEVICE, EPS, TOL, needs_triton_device, rel_err
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
-pytestmark = pytest.mark.skipif(
-    not (INTERPRETING or torch.cuda.is_available()),
-    reason="needs CUDA or TRITON_INTERPRET=1 (test_triton_interpreter.py runs this file so)",
-)
-
-EPS = 1e-6
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double().cpu(), want.double().cpu()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+pytestmark = needs_triton_device
 
 
 def _case(shape, dtype, seed=0):
@@ -59,7 +45,7 @@ def test_merge_forward_backward_match_reference(shape, dtype, scale):
     h = tm.merge_forward(o, lse, partial, query, EPS, scale)
     want_h = ref.merge_forward(o.float(), lse, partial.float(), query, EPS, scale)
     assert h.dtype == dtype and h.shape == shape
-    assert _rel_err(h, want_h) <= tol
+    assert rel_err(h, want_h) <= tol
 
     got = tm.merge_backward(grad, o, lse, partial, query, EPS, scale)
     want = ref.merge_backward(grad.float(), o.float(), lse, partial.float(), query, EPS, scale)
@@ -67,7 +53,7 @@ def test_merge_forward_backward_match_reference(shape, dtype, scale):
     for name, g, w, dt in zip(names, got, want, (dtype, torch.float32, dtype, torch.float32), strict=True):
         assert g.dtype == dt and g.shape == w.shape, name
         # grad_lse and grad_query are reductions over d / tokens computed in fp32.
-        assert _rel_err(g, w) <= (tol if dt == dtype else max(tol, 2e-5)), name
+        assert rel_err(g, w) <= (tol if dt == dtype else max(tol, 2e-5)), name
 
 
 def test_several_column_blocks_and_token_blocks_per_program(monkeypatch):
@@ -76,11 +62,11 @@ def test_several_column_blocks_and_token_blocks_per_program(monkeypatch):
     monkeypatch.setattr(tm, "TILE_ELEMENTS", 64)
     o, lse, partial, query, grad = _case((5, 130), torch.float32, seed=3)
     h = tm.merge_forward(o, lse, partial, query, EPS, 2.0)
-    assert _rel_err(h, ref.merge_forward(o, lse, partial, query, EPS, 2.0)) <= 2e-5
+    assert rel_err(h, ref.merge_forward(o, lse, partial, query, EPS, 2.0)) <= 2e-5
     got = tm.merge_backward(grad, o, lse, partial, query, EPS, 2.0)
     want = ref.merge_backward(grad, o, lse, partial, query, EPS, 2.0)
     for g, w in zip(got, want, strict=True):
-        assert _rel_err(g, w) <= 2e-5
+        assert rel_err(g, w) <= 2e-5
 
 
 def test_merge_backward_matches_autograd_of_the_forward():
@@ -89,7 +75,7 @@ def test_merge_backward_matches_autograd_of_the_forward():
     h = ref.merge_forward(*inputs, EPS, 2.0)
     want = torch.autograd.grad(h, inputs, grad.double())
     for g, w in zip(tm.merge_backward(grad, o, lse, partial, query, EPS, 2.0), want, strict=True):
-        assert _rel_err(g, w) <= 2e-5
+        assert rel_err(g, w) <= 2e-5
 
 
 @pytest.mark.parametrize("impl", ["triton", "aten"])
@@ -107,9 +93,9 @@ def test_merge_impl_selects_the_path(monkeypatch, impl):
     assert calls == (["merge_forward", "merge_backward"] if impl == "triton" else [])
     want_h = ref.merge_forward(*[t.detach() for t in inputs], EPS, 3.0)
     want = ref.merge_backward(grad, *[t.detach() for t in inputs], EPS, 3.0)
-    assert _rel_err(h, want_h) <= 2e-5
+    assert rel_err(h, want_h) <= 2e-5
     for g, w in zip(grads, want, strict=True):
-        assert _rel_err(g, w) <= 2e-5
+        assert rel_err(g, w) <= 2e-5
 
 
 def test_merge_without_partial_needs_no_kernel(monkeypatch):

@@ -1,13 +1,11 @@
 """Plain-read Triton path (kernels/triton_read.py) against the PyTorch reference.
 
 Runs on CUDA, or on CPU under the Triton interpreter (test_triton_interpreter.py
-starts this file with TRITON_INTERPRET=1). Tolerances as in test_triton_block_read.py:
+starts this file with TRITON_INTERPRET=1). Tolerances (tests/support/triton_testing.py):
 fp32 2e-5, bf16 1e-2 relative to the largest reference value.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -15,21 +13,9 @@ import torch
 from attnres_compile.kernels import attnres_block_read, attnres_merge, attnres_read
 from attnres_compile.kernels import reference as ref
 from attnres_compile.kernels import triton_read as tr
+from triton_testing import DEVICE, EPS, TOL, needs_triton_device, rel_err
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
-pytestmark = pytest.mark.skipif(
-    not (INTERPRETING or torch.cuda.is_available()),
-    reason="needs CUDA or TRITON_INTERPRET=1 (test_triton_interpreter.py runs this file so)",
-)
-
-EPS = 1e-6
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
-
-
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double().cpu(), want.double().cpu()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+pytestmark = needs_triton_device
 
 
 def _case(n, shape, dtype, seed=0):
@@ -53,13 +39,13 @@ def test_read_forward_backward_match_reference(n, shape, dtype):
 
     h = tr.read_forward(sources, query, EPS, scale)
     assert h.dtype == dtype and h.shape == shape
-    assert _rel_err(h, ref.read_forward(f32, query, EPS, scale)) <= tol
+    assert rel_err(h, ref.read_forward(f32, query, EPS, scale)) <= tol
 
     grads, grad_query = tr.read_backward(grad, sources, query, EPS, scale)
     want_grads, want_query = ref.read_backward(grad.float(), f32, query, EPS, scale)
     for got, want in zip(grads, want_grads, strict=True):
-        assert got.dtype == dtype and _rel_err(got, want) <= tol
-    assert grad_query.dtype == torch.float32 and _rel_err(grad_query, want_query) <= 2e-5
+        assert got.dtype == dtype and rel_err(got, want) <= tol
+    assert grad_query.dtype == torch.float32 and rel_err(grad_query, want_query) <= 2e-5
 
 
 def test_read_op_autograd_through_the_kernels():
@@ -68,9 +54,9 @@ def test_read_op_autograd_through_the_kernels():
     h = attnres_read(inputs[:-1], inputs[-1], EPS, 4.0)
     got = torch.autograd.grad(h, inputs, grad)
     want_sources, want_query = ref.read_backward(grad, [v.detach() for v in sources], query.detach(), EPS, 4.0)
-    assert _rel_err(h, ref.read_forward(sources, query, EPS, 4.0)) <= 2e-5
+    assert rel_err(h, ref.read_forward(sources, query, EPS, 4.0)) <= 2e-5
     for g, w in zip(got, [*want_sources, want_query], strict=True):
-        assert _rel_err(g, w) <= 2e-5
+        assert rel_err(g, w) <= 2e-5
 
 
 def test_two_phase_equals_the_plain_read():
@@ -79,4 +65,4 @@ def test_two_phase_equals_the_plain_read():
     *completed, partial = sources
     o, lse = attnres_block_read(completed, torch.stack([query, -query]), EPS)
     h = attnres_merge(o[0], lse[0], partial, query, EPS, 5.0)
-    assert _rel_err(h, attnres_read(sources, query, EPS, 5.0)) <= 2e-5
+    assert rel_err(h, attnres_read(sources, query, EPS, 5.0)) <= 2e-5
