@@ -172,7 +172,7 @@ def _config(options: argparse.Namespace) -> AttnResConfig:
 
 
 def _inspect(target: Target, config: AttnResConfig):
-    from .inspect import inspect_model, inspect_program
+    from .dry_run import inspect_model, inspect_program
 
     if target.program is not None:
         return [inspect_program(target.program, config)]
@@ -180,7 +180,7 @@ def _inspect(target: Target, config: AttnResConfig):
 
 
 def cmd_inspect(options: argparse.Namespace) -> int:
-    from .inspect import format_plan, plan_report
+    from .report import format_plan, plan_report
 
     target = load_target(options.target, options)
     graphs = _inspect(target, _config(options))
@@ -199,7 +199,7 @@ def cmd_inspect(options: argparse.Namespace) -> int:
 
 
 def cmd_diff(options: argparse.Namespace) -> int:
-    from .diff import diff_html, diff_text
+    from .report import diff_text, write_diff_html
 
     target = load_target(options.target, options)
     rewritten = [g for g in _inspect(target, _config(options)) if g.after is not None]
@@ -207,9 +207,7 @@ def cmd_diff(options: argparse.Namespace) -> int:
         raise UsageError(f"nothing to diff: no residual stream of {target.name} was rewritten (run inspect for the reasons)")
     if options.html:
         graph = rewritten[0]
-        html = diff_html(graph.before, graph.after, graph.plan, title=f"attnres rewrite of {target.name}")
-        with open(options.html, "w", encoding="utf-8") as handle:
-            handle.write(html)
+        write_diff_html(options.html, graph.before, graph.after, graph.plan, title=f"attnres rewrite of {target.name}")
         print(f"wrote {options.html}")
     else:
         for graph in rewritten:
@@ -218,43 +216,31 @@ def cmd_diff(options: argparse.Namespace) -> int:
 
 
 def cmd_rewrite(options: argparse.Namespace) -> int:
-    from .export import PLAN_KEY, rewrite
-    from .verify import verify_rewrite
+    from .export import rewrite_to_file
 
     if not options.target.endswith(".pt2") or not options.output.endswith(".pt2"):
         raise UsageError("rewrite takes a .pt2 file in and a .pt2 path out")
     target = _load_program(options.target)
-    rewritten = rewrite(target.program.module(), _config(options))
-    plan = rewritten.meta[PLAN_KEY]
-    if not plan.streams:
-        raise UsageError(f"no residual stream in {target.name}: nothing to rewrite\n{plan.summary()}")
-    print(plan.summary())
-    if not options.no_verify:
-        report = verify_rewrite(target.program.module(), rewritten, target.args, example_kwargs=target.kwargs)
-        print(report)
-        if not report.ok:
-            print(f"{PROG}: the rewrite failed verification; {options.output} not written", file=sys.stderr)
-            return 1
-    program = torch.export.export(rewritten, target.args, target.kwargs, strict=False)
-    torch.export.save(program, options.output)
+    done = rewrite_to_file(target.program, options.output, _config(options), verify=not options.no_verify)
+    if not done.plan.streams:
+        raise UsageError(f"no residual stream in {target.name}: nothing to rewrite\n{done.plan.summary()}")
+    print(done.plan.summary())
+    if done.verification is not None:
+        print(done.verification)
+    if not done.saved:
+        print(f"{PROG}: the rewrite failed verification; {options.output} not written", file=sys.stderr)
+        return 1
     print(f"wrote {options.output}")
     return 0
 
 
 def cmd_plot(options: argparse.Namespace) -> int:
-    from .depth_weights import depth_weights, depth_weights_of_graph, plot_depth_weights
-    from .export import PLAN_KEY, rewrite
-    from attnres_compile.passes.ir import is_attnres_op
+    from .depth_weights import depth_weights, depth_weights_of_program
+    from .report import plot_depth_weights
 
     target = load_target(options.target, options)
     if target.program is not None:
-        module = target.program.module()
-        plan = None
-        if not any(is_attnres_op(n) for n in module.graph.nodes):
-            log.warning("attnres: %s is not rewritten; plotting its rewrite with zero queries (uniform weights)", target.name)
-            module = rewrite(module, _config(options))
-            plan = module.meta[PLAN_KEY]
-        weights = depth_weights_of_graph(module, target.args, target.kwargs, plan=plan)
+        weights = depth_weights_of_program(target.program, _config(options))
     else:
         weights = depth_weights(target.model, target.args, example_kwargs=target.kwargs)
     plot_depth_weights(weights, options.output, title=f"Block AttnRes depth weights: {target.name}")

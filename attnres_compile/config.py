@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .passes.partition import layers_per_block
+
 SCALES = ("count", "mean")
+
+CONFIG_VERSION = 1
+"""The layout of :meth:`AttnResConfig.to_dict` (saved in checkpoints' ``config.json``)."""
 
 
 class _DefaultNumBlocks(int):
@@ -41,12 +45,15 @@ class AttnResConfig:
     eps:
         Epsilon of the key RMSNorm. ``None`` reads it off the model's own
         norms (1e-6 where the graph shows none).
+    version:
+        The layout of the saved dict; a config saved by a newer release is refused.
     """
 
     num_blocks: Optional[int] = _DEFAULT_NUM_BLOCKS
     block_size: Optional[int] = None
     scale: str = "count"
     eps: Optional[float] = None
+    version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.block_size is not None:
@@ -69,18 +76,27 @@ class AttnResConfig:
             raise ValueError(f"AttnResConfig: scale must be one of {SCALES}, got {self.scale!r}")
         if self.eps is not None and not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise ValueError(f"AttnResConfig: eps must be a positive float, got {self.eps!r}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"AttnResConfig: version {self.version!r} is not {CONFIG_VERSION}, the one this release reads "
+                "(was the config saved by another release of attnres-compile?)"
+            )
+
+    @property
+    def plan_options(self) -> dict[str, Any]:
+        """``num_blocks``, ``block_size`` and ``eps``, as ``passes.pipeline.plan_graph`` takes them."""
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "eps": self.eps}
 
     def layers_per_block(self, num_layers: int) -> int:
         """Block size used for a stream of ``num_layers`` layers."""
-        if self.block_size is not None:
-            return self.block_size
-        return max(1, math.ceil(num_layers / self.num_blocks))
+        return layers_per_block(num_layers, num_blocks=self.num_blocks, block_size=self.block_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AttnResConfig":
+        """The inverse of :meth:`to_dict`; a dict without ``version`` (saved before it existed) is version 1."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -8,29 +8,36 @@ reads its block's partial sum, which becomes ``b_{n+1}``, so the partial sits
 in column ``n + 1``.
 
     weights = depth_weights(model, (ids,))         # a prepared (trained) model, one batch
-    plot_depth_weights(weights, "alpha.png")
+    plot_depth_weights(weights, "alpha.png")       # attnres_compile.report
+
+The reads say what they are (``passes.reads.tag_of``): a final read weighs its
+``sources``, a merge its block's ``block_read`` sources and its ``partial``,
+each with its ``query``; the weights come from the reference math
+(``kernels.reference.read_weights``).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 from torch import Tensor, nn
 
-from attnres_compile.kernels.reference import rms_key
-from attnres_compile.passes import Plan
-
-from .backend import rewrite_graph
-from .prepare import trace_graphs
+from .config import AttnResConfig
+from .core import PLAN_KEY, run_pipeline
+from .kernels.reference import read_weights
+from .passes.ir import op_arguments
+from .passes.plan import Plan, StreamPlan
+from .passes.reads import tag_of
+from .tracing import trace_graphs
 
 log = logging.getLogger("attnres_compile")
 
-_OPS = torch.ops.attnres
+_WEIGHED_ROLES = ("merge", "read")  # one per layer, then the final read
 
 
 @dataclass
@@ -47,59 +54,49 @@ class DepthWeights:
     columns: list[str]
 
 
-def _source_weights(sources: Sequence[Tensor], query: Tensor, eps: float) -> Tensor:
-    """``[N]``: ``softmax_i(query . rms_key(v_i))`` averaged over tokens (the reference math)."""
-    scores = torch.stack([(rms_key(v, eps).float() * query.float()).sum(-1) for v in sources], dim=-1)
-    return scores.softmax(dim=-1).reshape(-1, len(sources)).mean(0)
-
-
-def _query_row(node: fx.Node) -> tuple[fx.Node, int]:
-    """``select(queries, 0, row)`` → ``(queries, row)``: which stream and which read."""
-    queries, _, row = node.args[:3]
-    return queries, int(row)
-
-
-def _phase1_of(merge: fx.Node) -> fx.Node:
-    """The ``block_read`` whose output a merge reads: ``merge(select(getitem(block_read, 0), 0, j), ...)``."""
-    getitem = merge.args[0].args[0]
-    return getitem.args[0]
-
-
 class _WeightRecorder(fx.Interpreter):
     """Runs a rewritten graph and records, per read, the mean weight of each source."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, plan: Optional[Plan]):
         super().__init__(gm, garbage_collect_values=False)  # the sources must outlive their last use
-        self.records: dict[fx.Node, dict[int, Tensor]] = {}
+        self.plan = plan
+        self.block_reads = {
+            (tag["stream"], tag["block"]): node
+            for node in gm.graph.nodes
+            if (tag := tag_of(node)) is not None and tag["role"] == "block_read"
+        }
+        self.records: dict[int, dict[int, Tensor]] = {}  # stream -> read (layer index) -> [sources]
 
     def run_node(self, node: fx.Node) -> Any:
         result = super().run_node(node)
-        if node.op == "call_function" and node.target in (_OPS.merge.default, _OPS.read.default):
-            self._record(node)
+        tag = tag_of(node)
+        if tag is not None and tag["role"] in _WEIGHED_ROLES:
+            self._record(node, tag)
         return result
 
-    def _record(self, node: fx.Node) -> None:
-        value = self.env.__getitem__
-        if node.target is _OPS.read.default:
-            sources, query_node, eps = node.args[0], node.args[1], node.args[2]
-            values = [value(s) for s in sources]
-        else:
-            _, _, partial, query_node, eps = node.args[:5]
-            values = [value(s) for s in _phase1_of(node).args[0]]
-            if partial is not None:
-                values.append(value(partial))
-        queries, row = _query_row(query_node)
-        with torch.no_grad():
-            self.records.setdefault(queries, {})[row] = _source_weights(values, value(query_node), float(eps))
+    def _weighed(self, node: fx.Node, tag: dict) -> list[fx.Node]:
+        """The source nodes a read weighs, in source order."""
+        args = op_arguments(node)
+        if tag["role"] == "read":
+            return list(args["sources"])
+        phase1 = op_arguments(self.block_reads[tag["stream"], tag["block"]])["sources"]
+        return list(phase1) + ([args["partial"]] if args["partial"] is not None else [])
 
-    def weights(self, plan: Optional[Plan] = None) -> list[DepthWeights]:
+    def _record(self, node: fx.Node, tag: dict) -> None:
+        args = op_arguments(node)
+        sources = [self.env[s] for s in self._weighed(node, tag)]
+        with torch.no_grad():
+            alpha = read_weights(sources, self.env[args["query"]], args["eps"])  # [..., N]
+            self.records.setdefault(tag["stream"], {})[tag["layer"]] = alpha.reshape(-1, len(sources)).mean(0)
+
+    def weights(self) -> list[DepthWeights]:
+        streams = self.plan.streams if self.plan is not None else ()
         return [
-            _as_matrix(k, rows, plan.streams[k] if plan is not None and k < len(plan.streams) else None)
-            for k, rows in enumerate(self.records.values())
+            _as_matrix(k, rows, streams[k] if k < len(streams) else None) for k, rows in sorted(self.records.items())
         ]
 
 
-def _as_matrix(stream: int, rows: dict[int, Tensor], plan_stream) -> DepthWeights:
+def _as_matrix(stream: int, rows: dict[int, Tensor], plan_stream: Optional[StreamPlan]) -> DepthWeights:
     width = max(len(w) for w in rows.values())
     matrix = torch.full((len(rows), width), float("nan"))
     for i, row in enumerate(sorted(rows)):
@@ -125,13 +122,17 @@ def _graph_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
 def depth_weights_of_graph(
     gm: fx.GraphModule, args: tuple, kwargs: Optional[dict[str, Any]] = None, *, plan: Optional[Plan] = None
 ) -> list[DepthWeights]:
-    """Run a rewritten GraphModule (e.g. from :func:`attnres_compile.rewrite`) once; one entry per stream."""
-    recorder = _WeightRecorder(gm)
+    """Run a rewritten GraphModule (e.g. from :func:`attnres_compile.rewrite`) once; one entry per stream.
+
+    ``plan`` (default: the one the rewrite recorded in ``gm.meta``, if any) names the rows.
+    """
+    plan = plan if plan is not None else gm.meta.get(PLAN_KEY)
+    if not any(tag_of(n) is not None for n in gm.graph.nodes):
+        raise ValueError("depth_weights: the graph holds no Block AttnRes reads (was it rewritten?)")
+    recorder = _WeightRecorder(gm, plan)
     with torch.no_grad():
         recorder.run(*_graph_inputs(gm, args, kwargs or {}))
-    if not recorder.records:
-        raise ValueError("depth_weights: the graph holds no Block AttnRes reads (was it rewritten?)")
-    return recorder.weights(plan)
+    return recorder.weights()
 
 
 def depth_weights(
@@ -145,14 +146,14 @@ def depth_weights(
     found: list[list[DepthWeights]] = []
 
     def record(gm: fx.GraphModule, graph_inputs):
-        result = rewrite_graph(gm, graph_inputs)
-        if result.refused is not None:
+        result = run_pipeline(gm, graph_inputs)
+        if not result.rewritten:
             return gm.forward
 
         def run(*args):
-            recorder = _WeightRecorder(gm)
+            recorder = _WeightRecorder(gm, result.plan)
             out = recorder.run(*args)
-            found.append(recorder.weights(result.plan))
+            found.append(recorder.weights())
             return out
 
         return run
@@ -163,36 +164,19 @@ def depth_weights(
     return [w for graph in found for w in graph]
 
 
-def plot_depth_weights(weights: Sequence[DepthWeights], path: str, *, title: str = "Block AttnRes depth weights") -> None:
-    """Write a heatmap per stream (rows: reads in order, columns: sources) to ``path`` (PNG)."""
-    import matplotlib
+def depth_weights_of_program(
+    program: torch.export.ExportedProgram, config: Optional[AttnResConfig] = None
+) -> list[DepthWeights]:
+    """Mean read weights of an exported program on its own example inputs.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A program that is not rewritten yet is rewritten first (with ``config``, zero
+    queries: uniform weights), and said so in the log.
+    """
+    from .export import rewrite
 
-    fig, axes = plt.subplots(
-        1, len(weights), squeeze=False,
-        figsize=(2.2 + 0.9 * max(w.weights.shape[1] for w in weights) * len(weights), 1.4 + 0.32 * max(len(w.rows) for w in weights)),
-    )
-    for ax, stream in zip(axes[0], weights):
-        image = ax.imshow(stream.weights.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(len(stream.columns)), stream.columns)
-        ax.set_yticks(range(len(stream.rows)), stream.rows, fontsize=8)
-        ax.set_xlabel("source (b_0: embedding; b_n: block n-1, its partial sum while it runs)", fontsize=8)
-        ax.set_title(f"stream {stream.stream}", fontsize=10)
-        for (i, j), value in _cells(stream.weights):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
-        fig.colorbar(image, ax=ax, label="mean alpha")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    log.info("attnres: wrote depth-weight plot %s", path)
-
-
-def _cells(matrix: Tensor):
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            value = float(matrix[i, j])
-            if value == value:  # not NaN
-                yield (i, j), value
+    args, kwargs = program.example_inputs or ((), {})
+    module = program.module()
+    if not any(tag_of(n) is not None for n in module.graph.nodes):
+        log.warning("attnres: the program is not rewritten; plotting its rewrite with zero queries (uniform weights)")
+        module = rewrite(module, config)
+    return depth_weights_of_graph(module, tuple(args), dict(kwargs))

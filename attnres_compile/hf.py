@@ -60,13 +60,13 @@ _WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def _prepared_queries(model: nn.Module, where: str) -> AttnResQueries:
-    queries = getattr(model, "attnres", None)
-    if not isinstance(queries, AttnResQueries):
+    attnres = getattr(model, "attnres", None)
+    if not isinstance(attnres, AttnResQueries):
         raise TypeError(
             f"{where}: {type(model).__name__} was not prepared for Block AttnRes "
             "(call attnres_compile.prepare(model, example_inputs) first)"
         )
-    return queries
+    return attnres
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -78,14 +78,14 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
     ``attnres_queries_<k>`` (``[layers + 1, d]`` fp32 each) are saved with the
     other weights. Load it back with :func:`from_pretrained`.
     """
-    queries = _prepared_queries(model, "save_pretrained")
+    attnres = _prepared_queries(model, "save_pretrained")
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(model, "save_pretrained"):
         raise TypeError(
             f"save_pretrained: {type(model).__name__} is not a transformers PreTrainedModel; "
             "save model.state_dict() instead (it holds the queries)"
         )
-    setattr(hf_config, CONFIG_KEY, queries.config.to_dict())
+    setattr(hf_config, CONFIG_KEY, attnres.config.to_dict())
     model.save_pretrained(save_directory, **kwargs)
 
 
@@ -142,10 +142,10 @@ def from_pretrained(
         model = model_class.from_pretrained(path, **from_pretrained_kwargs)
     config = attnres_config or _recorded_config(model, path)
     prepared = prepare(model, example_inputs, config, example_kwargs=example_kwargs)
-    queries = _prepared_queries(prepared, f"from_pretrained({path!r})")
-    _copy_queries(queries, saved, path)
+    attnres = _prepared_queries(prepared, f"from_pretrained({path!r})")
+    _copy_queries(attnres, saved, path)
     setattr(model.config, CONFIG_KEY, config.to_dict())
-    log.info("attnres: loaded %s from %s with %s", type(model).__name__, path, queries)
+    log.info("attnres: loaded %s from %s with %s", type(model).__name__, path, attnres)
     return prepared
 
 
@@ -189,9 +189,9 @@ def _read_saved_queries(path: str) -> dict[str, torch.Tensor]:
     return saved
 
 
-def _copy_queries(queries: AttnResQueries, saved: dict[str, torch.Tensor], path: str) -> None:
+def _copy_queries(attnres: AttnResQueries, saved: dict[str, torch.Tensor], path: str) -> None:
     """Copy the checkpoint's queries into the prepared model's, after checking that they fit."""
-    expected = {f"{QUERY_PREFIX}{k}": q for k, q in enumerate(queries.streams)}
+    expected = {f"{QUERY_PREFIX}{k}": q for k, q in enumerate(attnres.queries)}
     saved_shapes = {k: tuple(v.shape) for k, v in sorted(saved.items())}
     model_shapes = {k: tuple(q.shape) for k, q in expected.items()}
     if saved_shapes != model_shapes:

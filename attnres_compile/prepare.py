@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from attnres_compile.passes import Plan, plan_graph
-
-from .backend import graph_break_reason, parameter_nodes
 from .config import AttnResConfig
-from .queries import AttnResForward, AttnResQueries, with_own_dynamo_cache
+from .core import run_pipeline
+from .passes.plan import Plan
+from .queries import AttnResForward, AttnResQueries
+from .tracing import trace_graphs
 
 log = logging.getLogger("attnres_compile")
 
@@ -22,24 +22,6 @@ def _model_device(model: nn.Module) -> Optional[torch.device]:
     return param.device if param is not None else None
 
 
-def _call_model(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    return model(*args, **kwargs)
-
-
-def trace_graphs(model: nn.Module, example_inputs: tuple, example_kwargs: dict, on_graph: Callable) -> None:
-    """Run the model once under Dynamo and hand every graph to ``on_graph(gm, graph_inputs)``.
-
-    Runs without grad, through a throwaway frame (so this one-off trace stays out
-    of the Dynamo cache of the model's own forward, which every instance of its
-    class shares), with the random-number state restored afterwards so that
-    tracing does not shift a training run. ``on_graph`` returns what runs the graph.
-    """
-    frame = with_own_dynamo_cache(_call_model, "attnres_trace")
-    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.compile(frame, backend=on_graph)(model, example_inputs, example_kwargs)
-
-
 def trace_plans(
     model: nn.Module, example_inputs: tuple, example_kwargs: dict, config: AttnResConfig
 ) -> list[tuple[Plan, Optional[str]]]:
@@ -47,7 +29,8 @@ def trace_plans(
     results: list[tuple[Plan, Optional[str]]] = []
 
     def plan(gm, graph_inputs):
-        results.append((plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), config), graph_break_reason(gm)))
+        result = run_pipeline(gm, graph_inputs, config, apply=False)
+        results.append((result.plan, result.graph_break))
         return gm.forward
 
     trace_graphs(model, example_inputs, example_kwargs, plan)
@@ -112,7 +95,7 @@ def prepare(
     plan = _stack_plan(model, trace_plans(model, example_inputs, example_kwargs or {}, config))
     if plan is None:
         return model
-    AttnResQueries.add_to(model, list(plan.query_shapes), config, plan, device=_model_device(model))
+    AttnResQueries.add_to(model, config, plan, device=_model_device(model))
     model.forward = AttnResForward(model)
     log.info("attnres: prepared %s\n%s", type(model).__name__, plan.summary())
     return model

@@ -3,10 +3,10 @@
 ``prepare`` registers the queries as parameters of the model, records them in
 an :class:`AttnResQueries` (``model.attnres``) and installs an
 :class:`AttnResForward` that passes the model's first tensor input through
-``attnres::bind_queries(x, queries, config)``. Dynamo traces that call, so the
-query parameters arrive at the backend as graph inputs; the backend reads the
-queries and the config off the node (:func:`read_query_marker`) and removes it
-when it rewrites the graph (:func:`strip_query_marker`).
+``attnres::bind_queries(x, queries, spec)``. Dynamo traces that call, so the
+query parameters arrive at the backend as graph inputs; the pipeline reads the
+queries, the config and the layout ``prepare`` traced off the node
+(:func:`read_query_marker`) and removes it (:func:`strip_query_marker`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import inspect
 import json
 import logging
 import sys
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -24,12 +23,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .config import AttnResConfig
+from .passes.plan import Plan, StreamLayout
+from .tracing import with_own_dynamo_cache
 
 log = logging.getLogger("attnres_compile")
 
 
 @torch.library.custom_op("attnres::bind_queries", mutates_args=())
-def bind_queries(x: Tensor, queries: list[Tensor], config: str) -> Tensor:
+def bind_queries(x: Tensor, queries: list[Tensor], spec: str) -> Tensor:
     """Identity on ``x`` that makes ``queries`` visible to Dynamo.
 
     Run eagerly (outside ``torch.compile(..., backend="attnres")``) the model is
@@ -52,7 +53,7 @@ def require_zero_queries(queries: list[Tensor], where: str = "eagerly") -> None:
 
 
 @bind_queries.register_fake
-def _bind_queries_fake(x: Tensor, queries: list[Tensor], config: str) -> Tensor:
+def _bind_queries_fake(x: Tensor, queries: list[Tensor], spec: str) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -61,7 +62,7 @@ def _bind_queries_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None
 
 
 def _bind_queries_backward(ctx: Any, grad: Tensor):
-    # The structure must mirror the inputs (x, list of queries, config): one None per query.
+    # The structure must mirror the inputs (x, list of queries, spec): one None per query.
     return grad, [None] * ctx.num_queries, None
 
 
@@ -79,46 +80,41 @@ class AttnResQueries:
     the final read's row last, fp32 whatever the model dtype (they are tiny and
     the read's softmax runs in fp32). They hang off the model directly rather
     than off a submodule because containers such as ``nn.Sequential`` run every
-    submodule they hold. This object keeps the config and the plan.
+    submodule they hold. This object keeps the config and the plan ``prepare``
+    traced; the marker carries both into every compiled graph, where the
+    pipeline checks the graph against that plan's layout.
     """
 
-    def __init__(self, model: nn.Module, num_streams: int, config: AttnResConfig, plan=None):
+    def __init__(self, model: nn.Module, config: AttnResConfig, plan: Plan):
         self.model = model
-        self.num_streams = num_streams
+        self.num_streams = len(plan.streams)
         self.config = config
+        self.plan = plan
         # Serialized once here: the marker call that carries it is traced by Dynamo.
-        self.config_json = json.dumps(config.to_dict(), sort_keys=True)
-        self.plan = plan  # the passes' Plan from prepare, for inspection
+        self.marker_spec = marker_spec(config, plan)
 
     @staticmethod
-    def add_to(model: nn.Module, shapes: list[tuple[int, int]], config: AttnResConfig, plan=None, device=None):
-        for k, (rows, width) in enumerate(shapes):
+    def add_to(model: nn.Module, config: AttnResConfig, plan: Plan, device=None) -> "AttnResQueries":
+        for k, (rows, width) in enumerate(plan.query_shapes):
             zeros = torch.zeros(rows, width, device=device, dtype=torch.float32)
             model.register_parameter(f"{QUERY_PREFIX}{k}", nn.Parameter(zeros))
-        model.attnres = AttnResQueries(model, len(shapes), config, plan)
+        model.attnres = AttnResQueries(model, config, plan)
         return model.attnres
 
     @property
-    def streams(self) -> list[nn.Parameter]:
+    def queries(self) -> list[nn.Parameter]:
+        """Stream k's ``[L_k + 1, d_k]`` query matrix at position k."""
         return [getattr(self.model, f"{QUERY_PREFIX}{k}") for k in range(self.num_streams)]
 
     def __repr__(self) -> str:
-        shapes = [tuple(q.shape) for q in self.streams]
-        return f"AttnResQueries(streams={shapes}, config={self.config})"
+        shapes = [tuple(q.shape) for q in self.queries]
+        return f"AttnResQueries(queries={shapes}, config={self.config})"
 
 
 def is_query_parameter(name: str) -> bool:
     """Is ``name`` (from ``named_parameters``) one of the queries ``prepare`` added?"""
     return name.rpartition(".")[2].startswith(QUERY_PREFIX)
 
-
-def with_own_dynamo_cache(fn: Callable, name: str) -> Callable:
-    """A copy of ``fn`` with a code object of its own.
-
-    Dynamo keeps compiled code, and its limit of 8 recompiles, per code object:
-    a frame compiled through the copy neither uses nor fills ``fn``'s cache.
-    """
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, name)
 
 
 def _forward_with_queries(self: "AttnResForward", *args: Any, **kwargs: Any) -> Any:
@@ -180,26 +176,33 @@ def enclosing_prepared_model() -> Optional[nn.Module]:
 
 
 def _bind_first_tensor(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    queries: AttnResQueries = module.attnres
-    bound = list(queries.streams)
+    attnres: AttnResQueries = module.attnres
+    bound = list(attnres.queries)
     for i, arg in enumerate(args):
         if isinstance(arg, Tensor):
-            return args[:i] + (bind_queries(arg, bound, queries.config_json),) + args[i + 1:], kwargs
+            return args[:i] + (bind_queries(arg, bound, attnres.marker_spec),) + args[i + 1:], kwargs
     for key, value in kwargs.items():
         if isinstance(value, Tensor):
-            return args, {**kwargs, key: bind_queries(value, bound, queries.config_json)}
+            return args, {**kwargs, key: bind_queries(value, bound, attnres.marker_spec)}
     raise TypeError(
         f"{type(module).__name__} was prepared for Block AttnRes, which needs a tensor argument "
         "to carry its queries into the graph; the call passed none"
     )
 
 
+def marker_spec(config: AttnResConfig, plan: Plan) -> str:
+    """What the marker carries besides the queries: the config and the layout ``prepare`` traced (JSON)."""
+    layout = [{"width": s.width, "layers": list(s.layers)} for s in plan.layout]
+    return json.dumps({"config": config.to_dict(), "layout": layout}, sort_keys=True)
+
+
 @dataclass
 class QueryBinding:
-    """What a stripped marker told the backend."""
+    """What a stripped marker told the pipeline: the query nodes, the config, the traced layout."""
 
     nodes: list[fx.Node]
     config: AttnResConfig
+    layout: tuple[StreamLayout, ...]
 
 
 def _is_marker(node: fx.Node) -> bool:
@@ -210,12 +213,26 @@ def _is_marker(node: fx.Node) -> bool:
 
 
 def read_query_marker(gm: fx.GraphModule) -> Optional[QueryBinding]:
-    """The queries and config carried by the graph's first ``bind_queries`` node, if any."""
+    """The queries, config and layout carried by the graph's first ``bind_queries`` node, if any."""
     for node in gm.graph.nodes:
         if _is_marker(node):
-            _, queries, config = node.args[:3]
-            return QueryBinding(list(queries), AttnResConfig.from_dict(json.loads(config)))
+            _, queries, spec = node.args[:3]
+            data = json.loads(spec)
+            layout = tuple(StreamLayout(s["width"], tuple(s["layers"])) for s in data["layout"])
+            return QueryBinding(list(queries), AttnResConfig.from_dict(data["config"]), layout)
     return None
+
+
+def query_shape_error(given: list, needed: list, *, whose: str, where: str) -> Optional[str]:
+    """Why query matrices of shapes ``given`` do not fit ``needed``, or None when they do.
+
+    ``given`` may hold None for a shape that is not known (no meta): that one is not judged.
+    """
+    given = [tuple(s) if s is not None else None for s in given]
+    needed = [tuple(s) for s in needed]
+    if len(given) == len(needed) and all(g is None or g == n for g, n in zip(given, needed)):
+        return None
+    return f"{whose} have shapes {given} but {where} needs {needed} (one [layers + 1, d] matrix per stream)"
 
 
 def strip_query_marker(gm: fx.GraphModule) -> None:

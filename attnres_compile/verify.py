@@ -205,26 +205,25 @@ def verify(
         if not isinstance(getattr(model, "attnres", None), AttnResQueries):
             report.notes.append("FAIL: the model has no residual stream to rewrite (see the log)")
             return report
-    queries: AttnResQueries = model.attnres
     was_training = model.training
     model.eval()
     try:
-        _verify_prepared(model, queries, example_inputs, kwargs, rtol, seed, report)
+        _verify_prepared(model, model.attnres.queries, example_inputs, kwargs, rtol, seed, report)
     finally:
         model.train(was_training)
     log.info("%s", report)
     return report
 
 
-def _verify_prepared(model, queries, args, kwargs, rtol, seed, report) -> None:
+def _verify_prepared(model, queries: list[torch.Tensor], args, kwargs, rtol, seed, report) -> None:
     original = [n for n, _ in model.named_parameters() if not is_query_parameter(n)]
     everything = [n for n, _ in model.named_parameters()]
-    zeros = [torch.zeros_like(q) for q in queries.streams]
+    zeros = [torch.zeros_like(q) for q in queries]
     gen = torch.Generator().manual_seed(seed)
     # Scores s = w . rmsnorm(v) with |rmsnorm(v)| ~ sqrt(d): rows of std 1/sqrt(d) give O(1) scores.
-    random = [torch.randn(q.shape, generator=gen).div(math.sqrt(q.shape[-1])).to(q.device) for q in queries.streams]
+    random = [torch.randn(q.shape, generator=gen).div(math.sqrt(q.shape[-1])).to(q.device) for q in queries]
 
-    with _queries_set_to(queries.streams, zeros):
+    with _queries_set_to(queries, zeros):
         projections = _projections(model, args, kwargs, seed)
         eager = _run(model, model, args, kwargs, projections)
         backend = AttnResBackend()
@@ -232,7 +231,7 @@ def _verify_prepared(model, queries, args, kwargs, rtol, seed, report) -> None:
     _require_rewrite(report, backend, "zero-init identity")
     _compare_runs(report, "zero-init identity (compiled rewrite vs eager original)", compiled, eager, original, rtol)
 
-    with _queries_set_to(queries.streams, random):
+    with _queries_set_to(queries, random):
         reference_backend = AttnResBackend(inductor=False)
         reference = _run(_compiled(model, reference_backend), model, args, kwargs, projections)
         backend = AttnResBackend()

@@ -92,7 +92,7 @@ def with_random_queries(model, prompt: torch.Tensor, config: attnres_compile.Att
     prepared = attnres_compile.prepare(copy.deepcopy(model), (prompt,), config)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for q in prepared.attnres.streams:
+        for q in prepared.attnres.queries:
             q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)
     return prepared
 

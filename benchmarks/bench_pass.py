@@ -1,4 +1,4 @@
-"""Pass time: plan_graph + apply_plan (detect, partition, rewrite) on a Dynamo-captured graph.
+"""Pass time: the pipeline (clean up, detect, partition, plan, insert the reads) on a Dynamo-captured graph.
 
     .venv/bin/python benchmarks/bench_pass.py [--repeats 5]
 
@@ -21,11 +21,8 @@ import torch.fx as fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import attnres_compile.kernels  # noqa: F401,E402  (registers torch.ops.attnres.*)
-from attnres_compile.backend import _zero_queries, parameter_nodes  # noqa: E402
-from attnres_compile.config import AttnResConfig  # noqa: E402
-from attnres_compile.passes import apply_plan, plan_graph  # noqa: E402
-from attnres_compile.passes.ir import copy_graph  # noqa: E402
+from attnres_compile.core import run_pipeline  # noqa: E402
+from attnres_compile.passes.graph import copy_graph  # noqa: E402
 from tiny_gpt import GPTConfig, TinyGPT  # noqa: E402
 
 STEPS = (12, 48, 100, 200)
@@ -47,13 +44,12 @@ def capture(num_steps: int):
 
 
 def time_pass(gm: fx.GraphModule, example_inputs, num_steps: int) -> float:
-    """Seconds for one plan + rewrite of a fresh copy of ``gm``."""
+    """Seconds for one run of the pipeline on a fresh copy of ``gm``."""
     copy = fx.GraphModule(gm, copy_graph(gm.graph))
     start = time.perf_counter()
-    plan = plan_graph(copy.graph, parameter_nodes(copy, example_inputs), AttnResConfig())
-    apply_plan(copy, plan, _zero_queries(copy, plan), "count")
+    result = run_pipeline(copy, example_inputs)
     elapsed = time.perf_counter() - start
-    assert len(plan.streams[0].layers) == num_steps, plan.summary()
+    assert result.rewritten and len(result.plan.streams[0].layers) == num_steps, result.plan.summary()
     return elapsed
 
 

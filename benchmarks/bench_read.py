@@ -37,7 +37,7 @@ output scale c_l = 1:
   autograd, eager and ``torch.compile`` (Inductor);
 - ``ours``: ``attnres::block_read`` once + S ``attnres::merge``, eager and
   compiled, with phase 2 as the Triton kernel or as aten ops fused by Inductor
-  (``ops.MERGE_IMPL``); the partials are inputs here, so the aten merge has no
+  (``ops.use_merge_impl``); the partials are inputs here, so the aten merge has no
   add to fuse with (in a model it also takes the add that forms ``p_j``);
 - anchors, when importable (``pip install --no-deps`` their wheels), each in its
   best way of doing the same block:
@@ -57,6 +57,7 @@ the same bf16 inputs (a layout or convention slip shows here first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -73,8 +74,10 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     # Must precede triton.jit decorating the kernels (package import below).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from attnres_compile.kernels import attnres_block_read, attnres_merge, ops  # noqa: E402
+import attnres_compile  # noqa: E402,F401  (registers torch.ops.attnres.*)
+from attnres_compile.kernels import ops  # noqa: E402
 from attnres_compile.kernels import reference as ref  # noqa: E402
+from attnres_compile.kernels.ops import attnres_block_read, attnres_merge  # noqa: E402
 
 log = logging.getLogger("bench_read")
 
@@ -241,7 +244,7 @@ class Impl:
     name: str
     block: Callable
     compiled: bool = False
-    merge_impl: Optional[str] = None  # ops.MERGE_IMPL while this row runs
+    merge_impl: Optional[str] = None  # ops.use_merge_impl while this row runs (None: the default)
     module: Optional[str] = None  # import name of an anchor package
     cuda_only: bool = False
 
@@ -298,32 +301,29 @@ def measure(impl: Impl, shape: Shape, block: Block, want: list[torch.Tensor], ar
     if reason:
         row.note = reason
         return row
-    torch._dynamo.reset()  # one compile per (row, shape); MERGE_IMPL is read while tracing
-    saved_merge_impl = ops.MERGE_IMPL
-    if impl.merge_impl is not None:
-        ops.MERGE_IMPL = impl.merge_impl
+    torch._dynamo.reset()  # one compile per (row, shape); the merge impl is read while tracing
+    merge_impl = ops.use_merge_impl(impl.merge_impl) if impl.merge_impl is not None else contextlib.nullcontext()
     try:
-        fn = torch.compile(impl.block, backend=args.compile_backend) if impl.compiled else impl.block
-        leaves = [t.detach().requires_grad_() for t in block.leaves()]
-        n, s = shape.sources, shape.layers
-        sources, partials, queries = leaves[:n], leaves[n : n + s - 1], leaves[-1]
+        with merge_impl:
+            fn = torch.compile(impl.block, backend=args.compile_backend) if impl.compiled else impl.block
+            leaves = [t.detach().requires_grad_() for t in block.leaves()]
+            n, s = shape.sources, shape.layers
+            sources, partials, queries = leaves[:n], leaves[n : n + s - 1], leaves[-1]
 
-        def forward():
-            with torch.no_grad():
-                return fn(sources, partials, queries)
+            def forward():
+                with torch.no_grad():
+                    return fn(sources, partials, queries)
 
-        def forward_backward():
-            hs = fn(sources, partials, queries)
-            return torch.autograd.grad(hs, leaves, block.grads, allow_unused=True)
+            def forward_backward():
+                hs = fn(sources, partials, queries)
+                return torch.autograd.grad(hs, leaves, block.grads, allow_unused=True)
 
-        row.err = _rel_err(forward(), want)
-        row.fwd_ms = time_ms(forward, args.device, args.repeats, args.warmup)
-        row.fwd_bwd_ms = time_ms(forward_backward, args.device, args.repeats, args.warmup)
+            row.err = _rel_err(forward(), want)
+            row.fwd_ms = time_ms(forward, args.device, args.repeats, args.warmup)
+            row.fwd_bwd_ms = time_ms(forward_backward, args.device, args.repeats, args.warmup)
     except Exception as error:  # one failing row (an anchor on this torch/triton) keeps the table
         log.exception("%s at %s failed", impl.name, shape)
         row.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''}"
-    finally:
-        ops.MERGE_IMPL = saved_merge_impl
     return row
 
 

@@ -122,7 +122,7 @@ class Arm:
     def queries(self) -> list[torch.Tensor]:
         """The Block AttnRes queries (empty for the baseline)."""
         attnres = getattr(self.model, "attnres", None)
-        return list(attnres.streams) if attnres is not None else []
+        return list(attnres.queries) if attnres is not None else []
 
     def query_norm(self) -> float:
         """Frobenius norm of all queries together (0 for the baseline)."""
@@ -165,7 +165,7 @@ def initial_state(cfg: GPTConfig, seed: int) -> dict[str, torch.Tensor]:
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices and embeddings; none on biases, norm gains and the queries."""
     attnres = getattr(model, "attnres", None)
-    query_ids = {id(q) for q in attnres.streams} if attnres is not None else set()
+    query_ids = {id(q) for q in attnres.queries} if attnres is not None else set()
     decay, no_decay = [], []
     for param in model.parameters():  # deduplicated: the tied lm_head / tok_emb weight appears once
         is_matrix = param.dim() >= 2 and id(param) not in query_ids

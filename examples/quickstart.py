@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
         optimizer.step()
         losses.append(loss.item())
         if step == 1 or step % args.log_every == 0 or step == args.steps:  # step 1 includes compiling
-            queries = model.attnres.streams[0]
+            queries = model.attnres.queries[0]
             log.info(
                 "step %4d  loss %.4f  |queries| %.4f  (%.1f s)",
                 step, losses[-1], queries.detach().norm().item(), time.perf_counter() - start,

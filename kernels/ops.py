@@ -36,20 +36,23 @@ Which path a body takes (decided from dtypes and devices only, so it traces):
   empty tensors.
 
 Phase 2 (``attnres::merge`` and its backward) can instead stay on aten ops on
-CUDA, which Inductor fuses with the add that forms the partial: set
-:data:`MERGE_IMPL` to ``"aten"`` (or ``ATTNRES_MERGE_IMPL=aten`` in the
-environment before import). The default is ``"triton"`` until both have been
-measured side by side on a GPU (``benchmarks/bench_read.py`` times both).
-A layer without a partial (``h = scale * o``) always uses aten ops.
+CUDA, which Inductor fuses with the add that forms the partial. The choice is
+read at each dispatch (:func:`merge_impl`): ``ATTNRES_MERGE_IMPL=aten|triton``
+in the environment, or :func:`use_merge_impl` around the calls (a compiled
+graph keeps the choice it was traced with). The default is ``"triton"`` until
+both have been measured side by side on a GPU (``benchmarks/bench_read.py``
+times both). A layer without a partial (``h = scale * o``) always uses aten ops.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
 from types import ModuleType
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -57,14 +60,14 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 
-__all__ = ["MERGE_IMPL", "attnres_block_read", "attnres_merge", "attnres_read"]
+__all__ = ["attnres_block_read", "attnres_merge", "attnres_read", "merge_impl", "use_merge_impl"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPS = 1e-6
+DEFAULT_EPS = reference.DEFAULT_EPS
 
-MERGE_IMPL = os.environ.get("ATTNRES_MERGE_IMPL", "triton")
-"""Phase 2 on the Triton path: ``"triton"`` (the kernel, default) or ``"aten"`` (the reference ops)."""
+MERGE_IMPLS = ("triton", "aten")
+_merge_impl_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attnres_merge_impl", default=None)
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -114,10 +117,35 @@ def _use_triton(*tensors: Optional[Tensor]) -> bool:
     return on_cuda
 
 
+def _checked_merge_impl(impl: str, where: str) -> str:
+    if impl not in MERGE_IMPLS:
+        raise ValueError(f"attnres::merge: {where} must be 'triton' or 'aten', got {impl!r}")
+    return impl
+
+
+def merge_impl() -> str:
+    """Phase 2 on the Triton path, read at dispatch: ``"triton"`` (the kernel, default) or ``"aten"``.
+
+    :func:`use_merge_impl` wins over ``ATTNRES_MERGE_IMPL`` in the environment.
+    """
+    override = _merge_impl_override.get()
+    if override is not None:
+        return override
+    return _checked_merge_impl(os.environ.get("ATTNRES_MERGE_IMPL", "triton"), "ATTNRES_MERGE_IMPL")
+
+
+@contextlib.contextmanager
+def use_merge_impl(impl: str) -> Iterator[None]:
+    """Run phase 2 as ``impl`` (``"triton"`` or ``"aten"``) inside the block (and trace it so)."""
+    token = _merge_impl_override.set(_checked_merge_impl(impl, "use_merge_impl(impl)"))
+    try:
+        yield
+    finally:
+        _merge_impl_override.reset(token)
+
+
 def _use_triton_merge(*tensors: Optional[Tensor]) -> bool:
-    if MERGE_IMPL not in ("triton", "aten"):
-        raise ValueError(f"attnres::merge: MERGE_IMPL must be 'triton' or 'aten', got {MERGE_IMPL!r}")
-    return MERGE_IMPL == "triton" and _use_triton(*tensors)
+    return merge_impl() == "triton" and _use_triton(*tensors)
 
 
 # --------------------------------------------------------------------------

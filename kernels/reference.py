@@ -32,14 +32,19 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_EPS",
     "block_read_backward",
     "block_read_forward",
     "merge_backward",
     "merge_forward",
     "read_backward",
     "read_forward",
+    "read_weights",
     "rms_key",
 ]
+
+DEFAULT_EPS = 1e-6
+"""Key-norm eps where nothing else is known (design §2: the model's own norm eps, else this)."""
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -83,6 +88,30 @@ def _inv_rms(v: Tensor, eps: float) -> Tensor:
 # --------------------------------------------------------------------------
 
 
+def _source_weights(v: Tensor, w: Tensor, eps: float) -> Tensor:
+    """``a [N, T] = softmax_i(w . k_i)`` of stacked sources ``v [N, T, d]`` and a query ``w [d]``."""
+    s = (rms_key(v, eps) * w).sum(-1)  # [N, T]
+    return torch.softmax(s, dim=0)
+
+
+def read_weights(sources: Sequence[Tensor], query: Tensor, eps: float) -> Tensor:
+    """The read's weights ``alpha_i = softmax_i(w . k_i)`` per token.
+
+    Parameters
+    ----------
+    sources : list of N Tensors [..., d], one shape and dtype
+    query : Tensor [d]
+    eps : float
+
+    Returns
+    -------
+    alpha : Tensor [..., N], fp32 (fp64 for fp64 inputs); sums to 1 over the last dim.
+    """
+    dtype = compute_dtype(sources[0].dtype, query.dtype)
+    a = _source_weights(_stack_tokens(sources, dtype), query.to(dtype), eps)  # [N, T]
+    return a.t().reshape(*sources[0].shape[:-1], len(sources))
+
+
 def read_forward(sources: Sequence[Tensor], query: Tensor, eps: float, scale: float) -> Tensor:
     """``h = scale * sum_i softmax_i(w . k_i) v_i``.
 
@@ -103,9 +132,7 @@ def read_forward(sources: Sequence[Tensor], query: Tensor, eps: float, scale: fl
     """
     dtype = compute_dtype(sources[0].dtype, query.dtype)
     v = _stack_tokens(sources, dtype)  # [N, T, d]
-    w = query.to(dtype)  # [d]
-    s = (rms_key(v, eps) * w).sum(-1)  # [N, T]
-    a = torch.softmax(s, dim=0)  # [N, T]
+    a = _source_weights(v, query.to(dtype), eps)  # [N, T]
     h = scale * (a.unsqueeze(-1) * v).sum(0)  # [T, d]
     return h.reshape(sources[0].shape).to(sources[0].dtype)
 

@@ -23,17 +23,8 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 
-from .ir import (
-    data_inputs,
-    is_attnres_op,
-    is_plain_add,
-    mutated_operand,
-    norm_eps,
-    op_kind,
-    scalar_args,
-    tensor_value,
-    topo_index,
-)
+from .graph import tensor_value, topo_index
+from .ir import canonical_op, data_inputs, is_attnres_op, is_plain_add, mutated_operand, norm_eps, scalar_args
 from .plan import SkippedSite
 
 log = logging.getLogger("attnres_compile")
@@ -91,18 +82,18 @@ def region_between(src: fx.Node, sinks: list[fx.Node], order: dict[fx.Node, int]
     return region
 
 
-def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced: bool, degree_of) -> Degree:
+def _combine(node: fx.Node, op: Optional[str], degrees: list[Degree], reduced: bool, degree_of) -> Degree:
     """Degree of ``node`` from the degrees of its data inputs (homogeneity rules).
 
     ``degrees`` follows ``data_inputs(node)``; ``degree_of(arg)`` gives the degree
     of a positional argument (INDEPENDENT for a Python number).
     """
     dep = [d for d in degrees if d is not INDEPENDENT]
-    if kind == "norm":
+    if op == "norm":
         return Fraction(0)  # a norm's output is scale-free whatever it reads
-    if kind == "native_norm":
+    if op == "native_norm":
         return (Fraction(0), dep[0] if dep else None, -dep[0] if isinstance(dep[0], Fraction) else None)
-    if kind == "getitem":
+    if op == "getitem":
         container = degrees[0]
         if isinstance(container, tuple):
             index = node.args[1]
@@ -113,18 +104,18 @@ def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced:
         return Fraction(0) if all(d is INDEPENDENT or d == 0 for d in degrees) else None
     if any(d is None or isinstance(d, tuple) for d in dep):
         return None
-    if kind in ("cast", "neg"):
+    if op in ("cast", "neg"):
         return dep[0] if all(d == dep[0] for d in dep) else None
-    if kind == "native_dropout":
+    if op == "native_dropout":
         return (dep[0], None)
-    if kind in ("add", "sub"):
+    if op in ("add", "sub"):
         if len(dep) == 2:
             return dep[0] if dep[0] == dep[1] else None
         if dep[0] == 0:
             return dep[0]
         # x + eps keeps the degree (the eps of a norm); x + bias does not.
         return dep[0] if len(data_inputs(node)) == 1 else None
-    if kind in ("mul", "div") and len(node.args) >= 2:
+    if op in ("mul", "div") and len(node.args) >= 2:
         # By position, not by data input: x * x reads x twice, 1 / sqrt(v) has
         # only a denominator.
         left, right = (degree_of(a) for a in node.args[:2])
@@ -132,24 +123,24 @@ def _combine(node: fx.Node, kind: Optional[str], degrees: list[Degree], reduced:
         right = Fraction(0) if right is INDEPENDENT else right
         if not isinstance(left, Fraction) or not isinstance(right, Fraction):
             return None
-        total = left + right if kind == "mul" else left - right
+        total = left + right if op == "mul" else left - right
         return total if total != 0 or (left == 0 and right == 0) or reduced else None
-    if kind == "pow":
+    if op == "pow":
         exponent = node.args[1] if len(node.args) > 1 else None
         if isinstance(exponent, (int, float)) and len(dep) == 1:
             return dep[0] * Fraction(exponent).limit_denominator(64)
         return Fraction(0) if all(d == 0 for d in dep) else None
-    if kind == "rsqrt":
+    if op == "rsqrt":
         return -dep[0] / 2
-    if kind == "sqrt":
+    if op == "sqrt":
         return dep[0] / 2
-    if kind == "reciprocal":
+    if op == "reciprocal":
         return -dep[0]
-    if kind == "reduce" or kind == "std":
+    if op == "reduce" or op == "std":
         return dep[0]
-    if kind == "var":
+    if op == "var":
         return 2 * dep[0]
-    if kind == "var_mean":
+    if op == "var_mean":
         return (2 * dep[0], dep[0])
     return Fraction(0) if all(d == 0 for d in dep) else None
 
@@ -186,20 +177,20 @@ def branch_degree(src: fx.Node, region: set[fx.Node], order: dict[fx.Node, int])
     eps: Optional[float] = None
     for node in sorted(region, key=order.__getitem__):
         inputs = data_inputs(node)
-        kind = op_kind(node)
-        is_reduction = kind in ("reduce", "var", "std", "var_mean", "norm", "native_norm")
+        op = canonical_op(node)
+        is_reduction = op in ("reduce", "var", "std", "var_mean", "norm", "native_norm")
         node_reduced = is_reduction or any(reduced.get(u, False) for u in inputs)
         ins = [degrees.get(u, INDEPENDENT) for u in inputs]
         base = _scaled_base(inputs, degrees, bases)
-        degree = None if base is None else _combine(node, kind, ins, node_reduced, degree_of)
+        degree = None if base is None else _combine(node, op, ins, node_reduced, degree_of)
         if degree is None:  # not homogeneous in any one variable: a variable of its own
             degree, base, node_reduced = Fraction(1), node, False
         degrees[node], reduced[node] = degree, node_reduced
         bases[node] = base if isinstance(base, fx.Node) else src
         if eps is None:
-            if kind in ("norm", "native_norm"):
+            if op in ("norm", "native_norm"):
                 eps = norm_eps(node)
-            elif kind == "add" and node_reduced and isinstance(degree, Fraction) and degree != 0:
+            elif op == "add" and node_reduced and isinstance(degree, Fraction) and degree != 0:
                 scalars = scalar_args(node)
                 eps = float(scalars[0]) if scalars else None
     return degrees, eps

@@ -3,24 +3,25 @@
 Dynamo hands a backend *torch IR* (``operator.add``, ``torch.rsqrt``,
 ``call_method 'pow'``, ``F.layer_norm`` ...); ``torch.export`` produces *aten IR*
 (``aten.add.Tensor``, ``aten.rsqrt.default`` ...). The detector never looks at a
-target directly: it asks :func:`op_kind` for a canonical name, so one matcher
+target directly: it asks :func:`canonical_op` for a canonical name, so one matcher
 serves both dialects.
 """
 
 from __future__ import annotations
 
-import copy
 import operator
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .graph import tensor_value
+
 aten = torch.ops.aten
 
-# call_method names and plain callables, by canonical kind.
-_METHOD_KINDS: dict[str, str] = {
+# call_method names and plain callables, by canonical op.
+_METHOD_OPS: dict[str, str] = {
     "add": "add", "add_": "add", "__add__": "add", "__iadd__": "add", "__radd__": "add",
     "sub": "sub", "sub_": "sub", "__sub__": "sub",
     "mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul",
@@ -38,7 +39,7 @@ _METHOD_KINDS: dict[str, str] = {
     "new_tensor": "meta",
 }
 
-_FUNCTION_KINDS: dict[Any, str] = {
+_FUNCTION_OPS: dict[Any, str] = {
     operator.add: "add", operator.iadd: "add", torch.add: "add",
     operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
     operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
@@ -60,7 +61,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
 }
 
 
-def _aten_kinds() -> dict[Any, str]:
+def _aten_ops() -> dict[Any, str]:
     table = {
         "add": ["add.Tensor", "add_.Tensor"],
         "sub": ["sub.Tensor"],
@@ -88,18 +89,18 @@ def _aten_kinds() -> dict[Any, str]:
                  "ones_like.default", "empty_like.default", "full_like.default",
                  "new_zeros.default", "new_ones.default", "new_empty.default"],
     }
-    kinds: dict[Any, str] = {}
-    for kind, names in table.items():
+    ops: dict[Any, str] = {}
+    for canonical, names in table.items():
         for name in names:
             packet, _, overload = name.partition(".")
             op = getattr(aten, packet, None)
             if op is not None and hasattr(op, overload):
-                kinds[getattr(op, overload)] = kind
-    kinds[torch.ops.prims.convert_element_type.default] = "cast"
-    return kinds
+                ops[getattr(op, overload)] = canonical
+    ops[torch.ops.prims.convert_element_type.default] = "cast"
+    return ops
 
 
-_FUNCTION_KINDS.update(_aten_kinds())
+_FUNCTION_OPS.update(_aten_ops())
 
 
 _METADATA_ATTRIBUTES = frozenset({
@@ -108,20 +109,20 @@ _METADATA_ATTRIBUTES = frozenset({
 })
 
 
-def op_kind(node: fx.Node) -> Optional[str]:
-    """Canonical kind of ``node`` (``"add"``, ``"mul"``, ``"norm"`` ...) or None.
+def canonical_op(node: fx.Node) -> Optional[str]:
+    """The canonical op ``node`` computes (``"add"``, ``"mul"``, ``"norm"`` ...) or None.
 
     ``getattr(x, "shape")``-style calls and ``.size()`` are ``"meta"``: they read
     only a tensor's metadata, which the rewrite never changes.
     """
     if node.op == "call_method":
-        return _METHOD_KINDS.get(node.target)
+        return _METHOD_OPS.get(node.target)
     if node.op == "call_function":
         if node.target is getattr:
             # x.shape / x.dtype read metadata; x.real, x.T, x.mT ... read the values.
             return "meta" if node.args[1:2] and node.args[1] in _METADATA_ATTRIBUTES else None
         try:
-            return _FUNCTION_KINDS.get(node.target)
+            return _FUNCTION_OPS.get(node.target)
         except TypeError:  # unhashable target
             return None
     return None
@@ -137,10 +138,10 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
     ``x.type_as(y)`` reads y's dtype only; ``x.to(y)`` likewise; ``torch.zeros_like``
     and ``.size()`` read no values at all.
     """
-    kind = op_kind(node)
-    if kind == "meta":
+    op = canonical_op(node)
+    if op == "meta":
         return []
-    if kind == "cast" and node.target in _READS_FIRST_ARG_ONLY:
+    if op == "cast" and node.target in _READS_FIRST_ARG_ONLY:
         first = node.args[0] if node.args else None
         return [first] if isinstance(first, fx.Node) else []
     return list(node.all_input_nodes)
@@ -151,15 +152,10 @@ def scalar_args(node: fx.Node) -> list[float]:
     return [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
 
 
-def tensor_value(node: fx.Node) -> Optional[torch.Tensor]:
-    """The (fake) tensor a node stands for, from Dynamo's or export's meta."""
-    value = node.meta.get("val", node.meta.get("example_value"))
-    return value if isinstance(value, torch.Tensor) else None
-
 
 def is_plain_add(node: fx.Node) -> bool:
     """A two-tensor add with unit ``alpha`` (``x + y``, ``x += y``, ``aten.add``)."""
-    if op_kind(node) != "add":
+    if canonical_op(node) != "add":
         return False
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) < 2:
         return False
@@ -209,37 +205,20 @@ def norm_eps(node: fx.Node) -> Optional[float]:
     return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
 
 
-def topo_index(graph: fx.Graph) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(graph.nodes)}
-
-
-def users_in_order(node: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
-    return sorted(node.users, key=order.__getitem__)
-
-
-def flatten_nodes(arg: Any) -> Iterable[fx.Node]:
-    """Every fx.Node inside a (nested) argument."""
-    out: list[fx.Node] = []
-    fx.node.map_arg(arg, out.append)
-    return out
-
 
 def is_attnres_op(node: fx.Node) -> bool:
     """A call of one of this project's ops (``torch.ops.attnres.*``)."""
     return node.op == "call_function" and getattr(node.target, "namespace", None) == "attnres"
 
 
-def copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A copy of ``graph`` with the same node names and (shallow-copied) meta.
 
-    The calling convention (pytree specs of inputs and outputs) is shared, not
-    copied, so a ``GraphModule`` built on the copy is called like the original.
+def op_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a call to an op overload, by the names its schema gives them.
+
+    ``attnres::merge(o, lse, partial, query, eps, scale)`` called as ``merge(a, b, None, q, 1e-6, 2.0)``
+    gives ``{"o": a, "lse": b, "partial": None, "query": q, "eps": 1e-6, "scale": 2.0}``.
     """
-    new = fx.Graph(tracer_cls=graph._tracer_cls)
-    new._codegen = graph._codegen
-    copied = new.graph_copy(graph, {}, return_output_node=True)
-    if copied is not None:
-        value, old_output = copied
-        output = new.output(value, type_expr=getattr(old_output, "type", None))
-        output.meta = copy.copy(old_output.meta)
-    return new
+    schema = node.target._schema
+    named = dict(zip((a.name for a in schema.arguments), node.args))
+    named.update(node.kwargs)
+    return named

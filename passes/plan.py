@@ -1,15 +1,17 @@
 """The plan: what the detector found and what the rewrite will do, as plain data.
 
-Every way in (the backend, the export rewrite, the inspection tool) builds the
-same plan with the same detector; nodes are referred to by name so a plan can
-be printed, serialized and compared without holding a graph.
+Every way in (the backend, the export rewrite, the dry runs, the depth weights,
+``prepare``) builds the same plan with the same passes; nodes are referred to by
+name so a plan can be printed, serialized and compared without holding a graph.
+Two traces of one model (``prepare``'s and a later compile's) name their nodes
+differently; their :meth:`Plan.layout` is what must agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,15 @@ class LayerPlan:
         return self.adds[-1]
 
     @property
-    def kind(self) -> str:
-        return "parallel" if len(self.adds) > 1 else "sequential"
+    def is_parallel(self) -> bool:
+        """Several branches read one stream value and are added at once (GPT-NeoX, Falcon)."""
+        return len(self.adds) > 1
 
     @property
     def description(self) -> str:
         """``"attention"``, ``"mlp"``, ``"moe"``, or ``"parallel (attention + mlp)"``."""
         kinds = " + ".join(self.branch_kinds) or "branch"
-        return f"parallel ({kinds})" if self.kind == "parallel" else kinds
+        return f"parallel ({kinds})" if self.is_parallel else kinds
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,35 @@ class StreamPlan:
     def stream_out(self) -> str:
         return self.layers[-1].stream_out
 
+    @property
+    def layout(self) -> "StreamLayout":
+        return StreamLayout(self.width, tuple(layer.description for layer in self.layers))
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """What a stream's query rows are bound to: its width and, in order, what each layer computes.
+
+    Node names differ from trace to trace; the layout does not, as long as the
+    model traced the same stack.
+    """
+
+    width: int
+    layers: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{len(self.layers)} layers of width {self.width} ({', '.join(self.layers)})"
+
+
+def layout_difference(expected: tuple[StreamLayout, ...], found: tuple[StreamLayout, ...]) -> Optional[str]:
+    """The first way ``found`` differs from ``expected``, in words; None when they agree."""
+    if len(expected) != len(found):
+        return f"{len(expected)} residual stream(s) expected, {len(found)} found"
+    for k, (want, got) in enumerate(zip(expected, found)):
+        if want != got:
+            return f"stream {k}: expected {want.describe()}, found {got.describe()}"
+    return None
+
 
 @dataclass(frozen=True)
 class SkippedSite:
@@ -92,6 +124,10 @@ class Plan:
         """``(rows, width)`` of the query matrix each stream needs, in stream order."""
         return tuple((s.num_queries, s.width) for s in self.streams)
 
+    @property
+    def layout(self) -> tuple[StreamLayout, ...]:
+        return tuple(s.layout for s in self.streams)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -103,7 +139,7 @@ class Plan:
             lines = []
         for s in self.streams:
             sizes = [len(b) for b in s.blocks]
-            parallel = sum(layer.kind == "parallel" for layer in s.layers)
+            parallel = sum(layer.is_parallel for layer in s.layers)
             lines.append(
                 f"stream {s.index}: d={s.width}, {len(s.layers)} layers"
                 + (f" ({parallel} parallel)" if parallel else "")

@@ -9,7 +9,7 @@
 # (Debian/Ubuntu: `apt-get install -y chromium`). Exit status 2: no Chromium;
 # 1: no such page, or Chromium wrote no PNG. Prints the PNG's path.
 #
-# Used by tests/attnres_compile/test_diff_in_browser.py to look at the page
+# Used by tests/attnres_compile/report/test_diff_in_browser.py to look at the page
 # that `attnres_compile.diff.diff_html` writes.
 set -euo pipefail
 

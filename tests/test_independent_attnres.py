@@ -19,7 +19,7 @@ def test_backend_matches_handwritten_block_attnres(num_blocks, scale):
     attnres_compile.prepare(model, (idx,), AttnResConfig(num_blocks=num_blocks, scale=scale))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        queries = model.attnres.streams[0]
+        queries = model.attnres.queries[0]
         queries.copy_(torch.randn(queries.shape, generator=gen) / queries.shape[-1] ** 0.5)
     layers = 6
     block_size = -(-layers // num_blocks)

@@ -2,8 +2,9 @@
 
 transformers 5.x depends on Hugging Face's ``kernels`` package and imports it,
 so a ``kernels`` is installed beside us. What must never happen is a top-level
-``kernels`` or ``passes`` that is *ours*: neither an editable install nor a
-wheel may expose one.
+``kernels`` or ``passes`` that is *ours*: not from an editable install, not
+from a wheel, and not from a Python started in the checkout's root (which has
+the root on ``sys.path``).
 """
 
 import pathlib
@@ -13,22 +14,25 @@ import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# argv[1:]: folders that would be ours if a top-level `kernels`/`passes` resolved to them.
+# argv[1:]: our folders, which no top-level `kernels`/`passes` may resolve to as a package.
+# (From the checkout's root they are namespace portions, which never shadow an installed package.)
 CHECK_IMPORTS = """
 import importlib.util, pathlib, sys
-import attnres_compile, attnres_compile.kernels, attnres_compile.passes
 import transformers.activations  # imports Hugging Face's `kernels`
+import attnres_compile, attnres_compile.kernels.ops, attnres_compile.passes.pipeline
+from attnres_compile.report.diff_html import _style_sheet
 import torch
+assert ".cell.added" in _style_sheet()  # the package data file
 ours = {pathlib.Path(p).resolve() for p in sys.argv[1:]}
+def is_ours(location):
+    path = pathlib.Path(location).resolve()
+    return any(path == o or o in path.parents for o in ours)
+import kernels
+assert not is_ours(kernels.__file__), f"top-level kernels is ours: {kernels.__file__}"
 for name in ("kernels", "passes"):
     spec = importlib.util.find_spec(name)
-    if spec is None:
-        continue
-    found = [spec.origin] if spec.origin else []
-    found += list(spec.submodule_search_locations or [])
-    for location in found:
-        path = pathlib.Path(location).resolve()
-        assert not any(path == o or o in path.parents for o in ours), f"top-level {name} is ours: {location}"
+    if spec is not None and spec.origin is not None:
+        assert not is_ours(spec.origin), f"top-level {name} is a package of ours: {spec.origin}"
 assert hasattr(torch.ops.attnres, "block_read")
 print(attnres_compile.__file__)
 """
@@ -60,6 +64,7 @@ def test_built_wheel_holds_only_attnres_compile_and_imports(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"attnres_compile"}
     assert "attnres_compile/kernels/ops.py" in names and "attnres_compile/passes/detect.py" in names
+    assert "attnres_compile/report/diff.css" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[torch_dynamo_backends]" in entry_points and "attnres = attnres_compile.backend:attnres_backend" in entry_points
     subprocess.run(
@@ -68,3 +73,24 @@ def test_built_wheel_holds_only_attnres_compile_and_imports(tmp_path):
     )
     origin = _python(CHECK_IMPORTS, cwd=tmp_path, env_path=str(target), args=(*_ours(ROOT), *_ours(target)))
     assert origin.startswith(str(target))
+
+
+def test_a_python_started_in_the_checkout_root_imports_transformers_and_us():
+    """The root is sys.path[0] there: our kernels/ must not pose as Hugging Face's."""
+    origin = _python(CHECK_IMPORTS, cwd=ROOT, args=_ours(ROOT))
+    assert origin.startswith(str(ROOT / "attnres_compile"))
+
+
+def _collected(*command: str) -> list[str]:
+    done = subprocess.run(
+        [*command, "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_python_m_pytest_collects_what_pytest_collects():
+    """``python -m pytest`` puts the root on sys.path; it must find the same tests, importing the same modules."""
+    pytest_ids = _collected(str(pathlib.Path(sys.executable).parent / "pytest"))
+    assert len(pytest_ids) > 400
+    assert _collected(sys.executable, "-m", "pytest") == pytest_ids

@@ -24,11 +24,11 @@ from torch.utils._pytree import tree_flatten
 
 import attnres_compile
 from attnres_compile import AttnResBackend, AttnResConfig
-from attnres_compile.inspect import inspect_model
+from attnres_compile.dry_run import inspect_model
 from attnres_compile.passes.classify import ATTENTION, MLP, branch_kind
 from attnres_compile.passes.detect import region_between
-from attnres_compile.passes.ir import topo_index
-from attnres_compile.passes.rewrite import REWRITE_META
+from attnres_compile.passes.graph import topo_index
+from attnres_compile.passes.reads import tag_of
 from zoo import FAMILIES
 
 N_LAYER = 2  # transformer blocks per stack in every zoo model
@@ -147,16 +147,16 @@ def test_t5_stacks_are_two_streams_and_the_encoder_output_is_no_decoder_source()
     """Encoder and decoder are rewritten on their own; cross-attention reads the encoder's final read."""
     graph = inspection("t5")
     after = graph.after
-    reads = [n for n in after.graph.nodes if REWRITE_META in n.meta and n.op == "call_function"
+    reads = [n for n in after.graph.nodes if tag_of(n) is not None and n.op == "call_function"
              and getattr(n.target, "namespace", None) == "attnres" and n.target._opname in ("block_read", "read")]
-    encoder_output = next(n for n in reads if n.meta[REWRITE_META]["stream"] == 0 and n.target._opname == "read")
+    encoder_output = next(n for n in reads if tag_of(n)["stream"] == 0 and n.target._opname == "read")
     for read in reads:
-        if read.meta[REWRITE_META]["stream"] != 1:
+        if tag_of(read)["stream"] != 1:
             continue
         for source in read.args[0]:
-            tag = source.meta.get(REWRITE_META, {}).get("stream", 1)
+            tag = (tag_of(source) or {}).get("stream", 1)
             assert tag == 1, f"decoder read {read.name} takes {source.name} from stream {tag}"
-            assert encoder_output not in _ancestors(source) or source.meta.get(REWRITE_META), source.name
+            assert encoder_output not in _ancestors(source) or tag_of(source), source.name
     decoder_b0 = _nodes(after)[graph.plan.streams[1].source]
     assert encoder_output not in _ancestors(decoder_b0)
     # the decoder's cross-attention steps (layers 1, 4) read the encoder output
@@ -233,7 +233,7 @@ def _training_loss(outputs, targets_seed: int = 0) -> torch.Tensor:
 def test_five_training_steps_move_the_queries(name):
     model, args, kwargs = build(name)
     model = attnres_compile.prepare(model, args, CASES[name][0], example_kwargs=kwargs)
-    assert all(torch.all(q == 0) for q in model.attnres.streams)
+    assert all(torch.all(q == 0) for q in model.attnres.queries)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     compiled = torch.compile(model, backend="attnres")
     model.train()
@@ -245,4 +245,4 @@ def test_five_training_steps_move_the_queries(name):
         optimizer.step()
         losses.append(float(loss))
     assert all(math.isfinite(v) for v in losses), losses
-    assert all(float(q.abs().max()) > 0 for q in model.attnres.streams), "a stream's queries stayed at zero"
+    assert all(float(q.abs().max()) > 0 for q in model.attnres.queries), "a stream's queries stayed at zero"

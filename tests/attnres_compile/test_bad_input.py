@@ -170,7 +170,7 @@ def test_half_and_double_models_rewrite_with_zero_init_identity(dtype, rtol):
     model, args, _ = tiny_gpt()
     model = model.to(dtype)
     attnres_compile.prepare(model, args)
-    assert model.attnres.streams[0].dtype == torch.float32
+    assert model.attnres.queries[0].dtype == torch.float32
     backend = AttnResBackend(inductor=False)
     with torch.no_grad():
         got = torch.compile(model, backend=backend)(*args)

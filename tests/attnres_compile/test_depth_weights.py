@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from attnres_compile import AttnResConfig, prepare, rewrite
-from attnres_compile.depth_weights import depth_weights, depth_weights_of_graph, plot_depth_weights
+from attnres_compile.depth_weights import depth_weights, depth_weights_of_graph
+from attnres_compile.report import plot_depth_weights
 from attnres_compile.export import PLAN_KEY
 from attnres_compile.kernels.reference import rms_key
 from zoo import tiny_gpt
@@ -21,7 +22,7 @@ def _prepared(num_blocks=2, seed=0):
     model, args, _ = tiny_gpt(n_layer=2)
     prepare(model, args, AttnResConfig(num_blocks=num_blocks))
     with torch.no_grad():
-        for q, value in zip(model.attnres.streams, _random_queries([q.shape for q in model.attnres.streams], seed)):
+        for q, value in zip(model.attnres.queries, _random_queries([q.shape for q in model.attnres.queries], seed)):
             q.copy_(value)
     return model.eval(), args
 
@@ -55,16 +56,16 @@ def test_second_layer_weights_match_a_computation_from_the_plain_model():
         model.drop.register_forward_hook(lambda m, i, out: seen.setdefault("b0", out)),
         model.blocks[0].attn.register_forward_hook(lambda m, i, out: seen.setdefault("f0", out)),
     ]
-    query = model.attnres.streams[0].detach()[1].clone()
+    query = model.attnres.queries[0].detach()[1].clone()
     eps = model.attnres.plan.streams[0].eps
     with torch.no_grad():
-        saved = [q.detach().clone() for q in model.attnres.streams]
-        for q in model.attnres.streams:
+        saved = [q.detach().clone() for q in model.attnres.queries]
+        for q in model.attnres.queries:
             q.zero_()
         model(*args)  # the plain forward, to read b_0 and f_0
         for hook in hooks:
             hook.remove()
-        for q, value in zip(model.attnres.streams, saved):
+        for q, value in zip(model.attnres.queries, saved):
             q.copy_(value)
     scores = torch.stack([(rms_key(seen[k], eps) * query).sum(-1) for k in ("b0", "f0")], -1)
     expected = scores.softmax(-1).reshape(-1, 2).mean(0)
@@ -77,7 +78,7 @@ def test_export_path_gives_the_same_weights_as_the_model_path():
     (from_model,) = depth_weights(model, args)
     plain, _, _ = tiny_gpt(n_layer=2)
     program = torch.export.export(plain.eval(), args, strict=False)
-    gm = rewrite(program, AttnResConfig(num_blocks=2), queries=[q.detach() for q in model.attnres.streams])
+    gm = rewrite(program, AttnResConfig(num_blocks=2), queries=[q.detach() for q in model.attnres.queries])
     (from_graph,) = depth_weights_of_graph(gm, args, plan=gm.meta[PLAN_KEY])
     assert from_graph.rows == from_model.rows
     torch.testing.assert_close(from_graph.weights, from_model.weights, equal_nan=True)
@@ -100,3 +101,17 @@ def test_plot_writes_a_heatmap_png(tmp_path):
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 200 and image.shape[1] > 200
     assert len(torch.from_numpy(image[..., :3]).reshape(-1, 3).unique(dim=0)) > 50  # a picture, not a blank
+
+
+def test_a_saved_and_loaded_program_still_says_what_its_reads_weigh(tmp_path):
+    """The reads' tags live in node.meta["custom"], which re-export, .pt2 save and load keep."""
+    model, args = _prepared(num_blocks=2, seed=3)
+    plain, _, _ = tiny_gpt(n_layer=2)
+    program = torch.export.export(plain.eval(), args, strict=False)
+    gm = rewrite(program, AttnResConfig(num_blocks=2), queries=[q.detach() for q in model.attnres.queries])
+    (in_memory,) = depth_weights_of_graph(gm, args)
+    torch.export.save(torch.export.export(gm, args, strict=False), tmp_path / "rewritten.pt2")
+    loaded = torch.export.load(tmp_path / "rewritten.pt2").module()
+    (from_file,) = depth_weights_of_graph(loaded, args)
+    torch.testing.assert_close(from_file.weights, in_memory.weights, equal_nan=True)
+    assert from_file.rows[-1] == "final" and len(from_file.rows) == len(in_memory.rows)

@@ -9,17 +9,11 @@ import torch
 
 import attnres_compile
 from attnres_compile import AttnResConfig
-from attnres_compile.diff import (
-    diff_html,
-    diff_rows,
-    diff_sections,
-    diff_text,
-    op_label,
-    write_diff_html,
-)
-from attnres_compile.passes import Plan, SkippedSite
-from attnres_compile.passes.ir import copy_graph
-from attnres_compile.passes.rewrite import REWRITE_META
+from attnres_compile.diff import diff_rows, diff_sections, op_label
+from attnres_compile.passes.graph import copy_graph
+from attnres_compile.passes.plan import Plan, SkippedSite
+from attnres_compile.passes.reads import tag_of
+from attnres_compile.report import diff_html, diff_text, write_diff_html
 from zoo import hf_llama, tiny_gpt
 
 MODELS = {"tiny_gpt": tiny_gpt, "llama": hf_llama}
@@ -44,7 +38,7 @@ def case(request, rewritten):
 
 
 def _tagged(after):
-    return [n for n in after.graph.nodes if REWRITE_META in n.meta]
+    return [n for n in after.graph.nodes if tag_of(n) is not None]
 
 
 def _attnres_ops(after):
@@ -73,7 +67,7 @@ def test_rows_mark_the_consumers_of_each_merge_as_rewired(case):
     before, after, _ = case
     rewired = {r.name for r in diff_rows(before, after) if r.status == "rewired"}
     merges = [n for n in _tagged(after) if op_label(n).startswith("attnres.merge")]
-    readers = {user.name for merge in merges for user in merge.users if REWRITE_META not in user.meta}
+    readers = {user.name for merge in merges for user in merge.users if tag_of(user) is None}
     assert len(merges) == 4 and readers  # a merge feeds the layer's norm, which read the stream before
     assert readers <= rewired
 
@@ -209,7 +203,7 @@ def test_html_highlights_every_rewritten_node_with_its_block(case):
     num_blocks = len(plan.streams[0].blocks)
     for node in _tagged(after):
         classes = [attrs["class"].split() for attrs in parser.with_node(node.name) if "after" in attrs["class"].split()]
-        block = node.meta[REWRITE_META]["block"]
+        block = tag_of(node)["block"]
         expected = "blk-final" if block == num_blocks else f"blk-{block}"
         assert classes and "added" in classes[0] and expected in classes[0], (node.name, classes)
     for add in _residual_adds(plan):

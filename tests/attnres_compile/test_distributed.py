@@ -112,7 +112,7 @@ def test_whole_prepared_model_saved_with_torch_save_compiles_in_a_fresh_process(
     attnres_compile.prepare(model, args)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for q in model.attnres.streams:
+        for q in model.attnres.queries:
             q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)
         want = torch.compile(model, backend=AttnResBackend(inductor=False))(*args)
     torch.save(model, tmp_path / "model.pt")

@@ -54,7 +54,7 @@ def prepared(factory, random_queries: bool):
     if random_queries:
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for q in model.attnres.streams:
+            for q in model.attnres.queries:
                 q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)
     return model
 
@@ -129,7 +129,7 @@ def test_cached_decode_equals_a_full_forward_over_the_whole_sequence(name):
     assert_rel_close(step_logits, full[:, ids.shape[1] - 1:], 1e-5, "cached decode vs full forward")
     # The queries are not a no-op here: zero queries give other logits.
     with torch.no_grad():
-        for q in model.attnres.streams:
+        for q in model.attnres.queries:
             q.zero_()
         plain = model(sequences[:, :-1], use_cache=False).logits
     assert (plain - full).abs().max() > 1e-2

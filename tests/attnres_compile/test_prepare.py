@@ -18,7 +18,7 @@ def test_queries_are_parameters_in_state_dict_and_zero():
     out = attnres_compile.prepare(model, args, AttnResConfig(num_blocks=2))
     assert out is model
     assert isinstance(model.attnres, AttnResQueries)
-    (queries,) = model.attnres.streams
+    (queries,) = model.attnres.queries
     # 3 blocks x (attention + MLP) = 6 residual steps, plus the final read.
     assert queries.shape == (7, 32)
     assert torch.count_nonzero(queries) == 0
@@ -34,9 +34,9 @@ def test_queries_are_parameters_in_state_dict_and_zero():
 def test_prepare_is_idempotent_and_refuses_a_different_config():
     model, args, _ = tiny_gpt()
     attnres_compile.prepare(model, args, AttnResConfig(num_blocks=2))
-    queries = model.attnres.streams[0]
+    queries = model.attnres.queries[0]
     attnres_compile.prepare(model, args, AttnResConfig(num_blocks=2))
-    assert model.attnres.streams[0] is queries
+    assert model.attnres.queries[0] is queries
     with pytest.raises(ValueError, match="already prepared"):
         attnres_compile.prepare(model, args, AttnResConfig(num_blocks=1))
 
@@ -47,7 +47,7 @@ def test_prepared_model_runs_eagerly_only_while_queries_are_zero():
     attnres_compile.prepare(model, args)
     torch.testing.assert_close(model(*args), reference(*args), rtol=0, atol=0)
     with torch.no_grad():
-        model.attnres.streams[0][1].fill_(0.1)
+        model.attnres.queries[0][1].fill_(0.1)
     with pytest.raises(RuntimeError, match="only computes Block AttnRes when compiled"):
         model(*args)
 
@@ -65,12 +65,12 @@ def test_whole_model_pickles_with_its_queries():
     model, args, _ = tiny_gpt()
     attnres_compile.prepare(model, args)
     with torch.no_grad():
-        model.attnres.streams[0].normal_()
+        model.attnres.queries[0].normal_()
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert torch.equal(loaded.attnres.streams[0], model.attnres.streams[0])
+    assert torch.equal(loaded.attnres.queries[0], model.attnres.queries[0])
     assert loaded.forward.module is loaded  # the forward wrapper follows its own model
     torch.testing.assert_close(
         torch.compile(loaded, backend="attnres")(*args), torch.compile(model, backend="attnres")(*args)

@@ -107,7 +107,7 @@ def test_round_trip_in_a_fresh_process_gives_the_same_outputs(tmp_path):
         torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6, msg=f"{route} round trip")
     # The trained queries matter: the same weights with zero queries give other logits.
     with torch.no_grad():
-        for q in model.attnres.streams:
+        for q in model.attnres.queries:
             q.zero_()
     assert (_rewritten_logits(model, ids) - expected).abs().max() > 1e-2
 

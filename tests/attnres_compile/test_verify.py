@@ -23,9 +23,9 @@ def test_verify_passes_at_fp32_tolerance(name):
 
 def test_verify_detects_a_wrong_rewrite(monkeypatch):
     """The verifier can fail: a rewrite with the wrong scale c_l breaks the zero-init identity."""
-    import attnres_compile.passes.rewrite as rewrite
+    import attnres_compile.passes.reads as reads
 
-    monkeypatch.setattr(rewrite, "_scale", lambda mode, n: float(n) + 0.5)
+    monkeypatch.setattr(reads, "_scale", lambda mode, n: float(n) + 0.5)
     model, args, kwargs = CAUSAL_LMS["tiny_gpt"]()
     report = attnres_compile.verify(model, args, AttnResConfig(num_blocks=2), example_kwargs=kwargs)
     assert not report.ok
@@ -36,12 +36,12 @@ def test_verify_restores_queries_and_mode():
     model, args, _ = CAUSAL_LMS["tiny_gpt"]()
     attnres_compile.prepare(model, args)
     with torch.no_grad():
-        model.attnres.streams[0].fill_(0.25)
+        model.attnres.queries[0].fill_(0.25)
     model.train()
     report = attnres_compile.verify(model, args)
     assert report.ok, str(report)
     assert model.training
-    assert torch.all(model.attnres.streams[0] == 0.25)
+    assert torch.all(model.attnres.queries[0] == 0.25)
 
 
 def test_verify_reports_a_model_without_stream():

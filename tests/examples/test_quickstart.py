@@ -20,7 +20,7 @@ def test_quickstart_trains_queries_and_round_trips_through_state_dict(tmp_path):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     print(f"loss {first:.3f} -> {last:.3f}; validation {result['val_loss']:.3f}")
     assert last < first - 0.5
-    queries = model.attnres.streams[0].detach()
+    queries = model.attnres.queries[0].detach()
     assert queries.abs().max() > 1e-3, "the queries must leave zero"
 
     buffer = io.BytesIO()
@@ -30,14 +30,14 @@ def test_quickstart_trains_queries_and_round_trips_through_state_dict(tmp_path):
     idx = torch.randint(0, 256, (2, 32))
     attnres_compile.prepare(fresh, (idx,), attnres_compile.AttnResConfig(num_blocks=2))
     fresh.load_state_dict(torch.load(buffer))
-    assert torch.equal(fresh.attnres.streams[0], queries)
+    assert torch.equal(fresh.attnres.queries[0], queries)
     with torch.no_grad():
         expected = torch.compile(model, backend="attnres")(idx)
         got = torch.compile(fresh, backend="attnres")(idx)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
     restored, (ids,) = quickstart.trained_model(str(checkpoint))
-    assert torch.equal(restored.attnres.streams[0], queries)
+    assert torch.equal(restored.attnres.queries[0], queries)
     assert restored.attnres.config == model.attnres.config
     with torch.no_grad():
         torch.testing.assert_close(

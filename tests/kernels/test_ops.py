@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from attnres_compile.kernels import attnres_block_read, attnres_merge, attnres_read
+from attnres_compile.kernels.ops import attnres_block_read, attnres_merge, attnres_read
 from attnres_compile.kernels import reference as ref
 
 EPS = 1e-6

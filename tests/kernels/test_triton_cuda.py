@@ -70,13 +70,13 @@ def _tiny_llama():
 @pytest.mark.parametrize("merge_impl", ["triton", "aten"])
 def test_compiled_llama_runs_the_triton_kernels_and_verifies(monkeypatch, merge_impl):
     pytest.importorskip("transformers")
-    monkeypatch.setattr(ops, "MERGE_IMPL", merge_impl)
+    monkeypatch.setenv("ATTNRES_MERGE_IMPL", merge_impl)
     model, ids = _tiny_llama()
     config = AttnResConfig(num_blocks=2)  # 4 layers, blocks of 2: phase 1, a merge, the final read
     prepared = attnres_compile.prepare(model, (ids,), config, example_kwargs={"use_cache": False})
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-zero queries: the merge and the scores matter
-        for q in prepared.attnres.streams:
+        for q in prepared.attnres.queries:
             q.copy_(torch.randn(q.shape, generator=gen).cuda() / q.shape[-1] ** 0.5)
     compiled = torch.compile(prepared, backend="attnres")
 

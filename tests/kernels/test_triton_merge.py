@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnres_compile  # noqa: F401  (mounts attnres_compile.kernels, registers the ops)
 from attnres_compile.kernels import ops
 from attnres_compile.kernels import reference as ref
 from attnres_compile.kernels import triton_merge as tm
@@ -80,16 +81,16 @@ def test_merge_backward_matches_autograd_of_the_forward():
 
 @pytest.mark.parametrize("impl", ["triton", "aten"])
 def test_merge_impl_selects_the_path(monkeypatch, impl):
-    """ops.MERGE_IMPL: "triton" runs the kernels fwd and bwd, "aten" the reference; same values."""
+    """ops.use_merge_impl: "triton" runs the kernels fwd and bwd, "aten" the reference; same values."""
     calls = []
     for name in ("merge_forward", "merge_backward"):
         kernel = getattr(tm, name)
         monkeypatch.setattr(tm, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
-    monkeypatch.setattr(ops, "MERGE_IMPL", impl)
     o, lse, partial, query, grad = _case((3, 10), torch.float32, seed=2)
     inputs = [t.requires_grad_() for t in (o, lse, partial, query)]
-    h = ops.attnres_merge(*inputs, EPS, 3.0)
-    grads = torch.autograd.grad(h, inputs, grad)
+    with ops.use_merge_impl(impl):
+        h = ops.attnres_merge(*inputs, EPS, 3.0)
+        grads = torch.autograd.grad(h, inputs, grad)
     assert calls == (["merge_forward", "merge_backward"] if impl == "triton" else [])
     want_h = ref.merge_forward(*[t.detach() for t in inputs], EPS, 3.0)
     want = ref.merge_backward(grad, *[t.detach() for t in inputs], EPS, 3.0)
@@ -105,7 +106,18 @@ def test_merge_without_partial_needs_no_kernel(monkeypatch):
 
 
 def test_bad_merge_impl_is_refused(monkeypatch):
-    monkeypatch.setattr(ops, "MERGE_IMPL", "cuda")
+    monkeypatch.setenv("ATTNRES_MERGE_IMPL", "cuda")
     o, lse, partial, query, _ = _case((2, 5), torch.float32)
     with pytest.raises(ValueError, match="MERGE_IMPL must be 'triton' or 'aten'"):
         ops.attnres_merge(o, lse, partial, query)
+    with pytest.raises(ValueError, match="must be 'triton' or 'aten'"):
+        ops.use_merge_impl("cuda").__enter__()
+
+
+def test_merge_impl_is_read_at_dispatch(monkeypatch):
+    monkeypatch.setenv("ATTNRES_MERGE_IMPL", "aten")
+    assert ops.merge_impl() == "aten"
+    with ops.use_merge_impl("triton"):
+        assert ops.merge_impl() == "triton"
+    monkeypatch.delenv("ATTNRES_MERGE_IMPL")
+    assert ops.merge_impl() == "triton"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnres_compile.kernels import attnres_block_read, attnres_merge, attnres_read
+from attnres_compile.kernels.ops import attnres_block_read, attnres_merge, attnres_read
 from attnres_compile.kernels import reference as ref
 from attnres_compile.kernels import triton_read as tr
 from triton_testing import DEVICE, EPS, TOL, needs_triton_device, rel_err

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnres_compile.backend import parameter_nodes
+from attnres_compile.passes.graph import parameter_nodes
 from attnres_compile.config import AttnResConfig
-from attnres_compile.passes import plan_graph
+from attnres_compile.passes.pipeline import plan_graph
 from fx_models import D, Mlp, ParallelStack, capture, x_input  # tests/support
 
 
@@ -54,7 +54,7 @@ class Mixed(nn.Module):
 
 def plan_of(model):
     gm, inputs = capture(model, x_input())
-    plan = plan_graph(gm.graph, parameter_nodes(gm, inputs), AttnResConfig())
+    plan = plan_graph(gm.graph, parameter_nodes(gm, inputs), **AttnResConfig().plan_options)
     assert len(plan.streams) == 1, plan.summary()
     return plan.streams[0]
 
@@ -74,5 +74,5 @@ def test_module_paths_name_the_layer_and_each_branch_output():
 
 def test_parallel_pair_lists_both_branch_kinds():
     stream = plan_of(ParallelStack(n=2))
-    assert all(layer.kind == "parallel" for layer in stream.layers)
+    assert all(layer.is_parallel for layer in stream.layers)
     assert all(layer.description == "parallel (mlp + mlp)" for layer in stream.layers)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnres_compile.backend import parameter_nodes
+from attnres_compile.passes.graph import parameter_nodes
 from attnres_compile.config import AttnResConfig
-from attnres_compile.passes import plan_graph
+from attnres_compile.passes.pipeline import plan_graph
 from attnres_compile.passes.detect import find_residual_streams
 from fx_models import D, Mlp, ParallelStack, RMSNorm, capture, x_input  # tests/support
 
@@ -26,7 +26,7 @@ from fx_models import D, Mlp, ParallelStack, RMSNorm, capture, x_input  # tests/
 
 def dynamo_plan(model, *args, **config):
     gm, example_inputs = capture(model, *args)
-    return gm, plan_graph(gm.graph, parameter_nodes(gm, example_inputs), AttnResConfig(**config))
+    return gm, plan_graph(gm.graph, parameter_nodes(gm, example_inputs), **AttnResConfig(**config).plan_options)
 
 
 def export_plan(model, *args, decompositions=None, **config):
@@ -35,7 +35,7 @@ def export_plan(model, *args, decompositions=None, **config):
     ep = ep.run_decompositions({} if decompositions is None else decompositions)
     names = set(ep.graph_signature.inputs_to_parameters)
     params = {n for n in ep.graph.nodes if n.op == "placeholder" and n.name in names}
-    return ep, plan_graph(ep.graph, params, AttnResConfig(**config))
+    return ep, plan_graph(ep.graph, params, **AttnResConfig(**config).plan_options)
 
 
 def layer_counts(plan):
@@ -203,7 +203,7 @@ def test_sequential_pre_norm_is_one_stream_of_every_layer(norm, add):
     placeholder = next(n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("l_x"))
     assert stream.source == placeholder
     assert stream.width == D
-    assert all(layer.kind == "sequential" for layer in stream.layers)
+    assert all(not layer.is_parallel for layer in stream.layers)
     # consecutive: each layer reads the previous layer's output
     for prev, layer in zip(stream.layers, stream.layers[1:]):
         assert layer.stream_in == prev.stream_out
@@ -242,7 +242,7 @@ def test_parallel_pair_of_two_adds_is_one_parallel_layer(assoc):
     assert layer_counts(plan) == [3]  # one layer per attention + MLP pair
     nodes = {n.name: n for n in gm.graph.nodes}
     for layer in plan.streams[0].layers:
-        assert layer.kind == "parallel"
+        assert layer.is_parallel
         assert len(layer.adds) == len(layer.branches) == 2
         # both branches read the same stream value, through the same norm
         assert all(nodes[layer.stream_in] in _ancestors(nodes[b]) for b in layer.branches)
@@ -254,14 +254,14 @@ def test_parallel_pair_summed_first_is_one_sequential_layer(assoc):
     # so the step is a plain one whose branch is the sum (a MoE-like branch).
     _, plan = dynamo_plan(ParallelStack(3, assoc), x_input())
     assert layer_counts(plan) == [3]
-    assert [layer.kind for layer in plan.streams[0].layers] == ["sequential"] * 3
+    assert [layer.is_parallel for layer in plan.streams[0].layers] == [False] * 3
     assert all(len(layer.adds) == 1 for layer in plan.streams[0].layers)
 
 
 def test_moe_branch_with_sums_inside_is_one_step():
     _, plan = dynamo_plan(MoEStack(2), x_input())
     assert layer_counts(plan) == [4]  # attn, moe, attn, moe
-    assert all(layer.kind == "sequential" for layer in plan.streams[0].layers)
+    assert all(not layer.is_parallel for layer in plan.streams[0].layers)
 
 
 @pytest.mark.parametrize(
@@ -515,7 +515,7 @@ def test_export_weightless_layer_norm():
 def test_export_parallel(assoc):
     _, plan = export_plan(ParallelStack(2, assoc), x_input())
     assert layer_counts(plan) == [2]
-    assert {layer.kind for layer in plan.streams[0].layers} == {"parallel" if assoc == "x + a + m" else "sequential"}
+    assert {layer.is_parallel for layer in plan.streams[0].layers} == {assoc == "x + a + m"}
 
 
 def test_export_post_norm_is_no_stream():
@@ -548,7 +548,7 @@ def test_make_fx_graph():
     params = dict(model.named_parameters())
     gm = make_fx(lambda p, x: torch.func.functional_call(model, p, (x,)))(params, x_input())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    plan = plan_graph(gm.graph, set(placeholders[: len(params)]), AttnResConfig())
+    plan = plan_graph(gm.graph, set(placeholders[: len(params)]), **AttnResConfig().plan_options)
     assert layer_counts(plan) == [3]
 
 
@@ -564,7 +564,7 @@ def _capture_dynamic(model, x, dynamic):
 
     torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic)(x)
     gm, example_inputs = graphs[-1]
-    return plan_graph(gm.graph, parameter_nodes(gm, example_inputs), AttnResConfig())
+    return plan_graph(gm.graph, parameter_nodes(gm, example_inputs), **AttnResConfig().plan_options)
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm_fp32_type_as", "metadata_reads"])

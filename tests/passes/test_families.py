@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnres_compile.backend import _zero_queries, parameter_nodes
+from attnres_compile.core import zero_queries_in_graph
+from attnres_compile.passes.graph import parameter_nodes
 from attnres_compile.config import AttnResConfig
-from attnres_compile.passes import apply_plan, plan_graph
+from attnres_compile.passes.pipeline import apply_plan, plan_graph
 from fx_models import D, RMSNorm, capture, x_input  # tests/support
 
 
 def dynamo_plan(model, *args, **config):
     gm, example_inputs = capture(model, *args)
-    return gm, plan_graph(gm.graph, parameter_nodes(gm, example_inputs), AttnResConfig(**config))
+    return gm, plan_graph(gm.graph, parameter_nodes(gm, example_inputs), **AttnResConfig(**config).plan_options)
 
 
 class GatedMlp(nn.Module):
@@ -114,9 +115,9 @@ def rewritten_output(model, x, config):
     plans = []
 
     def backend(gm, graph_inputs):
-        plan = plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), config)
+        plan = plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), **config.plan_options)
         plans.append(plan)
-        apply_plan(gm, plan, _zero_queries(gm, plan), config.scale)
+        apply_plan(gm, plan, zero_queries_in_graph(gm, plan), config.scale)
         return gm.forward
 
     with torch.no_grad():

@@ -23,9 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._pytree import tree_flatten
 
-from attnres_compile.backend import _zero_queries, parameter_nodes
+from attnres_compile.core import zero_queries_in_graph
+from attnres_compile.passes.graph import parameter_nodes
 from attnres_compile.config import AttnResConfig
-from attnres_compile.passes import apply_plan, plan_graph
+from attnres_compile.passes.pipeline import apply_plan, plan_graph
 from fx_models import capture  # tests/support
 from random_models import LayerSpec, ModelSpec, build_model, example_inputs, model_specs  # tests/support
 
@@ -47,10 +48,10 @@ def rewriting_backend(config: AttnResConfig, plans: list):
     """A Dynamo backend that plans each graph, rewrites it with zero queries and runs it eagerly."""
 
     def backend(gm, graph_inputs):
-        plan = plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), config)
+        plan = plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), **config.plan_options)
         plans.append(plan)
         if plan.streams:
-            apply_plan(gm, plan, _zero_queries(gm, plan), config.scale)
+            apply_plan(gm, plan, zero_queries_in_graph(gm, plan), config.scale)
         return gm.forward
 
     return backend
@@ -71,7 +72,7 @@ def check_rewrite_is_identity(spec: ModelSpec, config: AttnResConfig) -> None:
     (plan,) = plans
     assert [len(s.layers) for s in plan.streams] == [spec.num_layers], f"{spec}\n{plan.summary()}"
     stream = plan.streams[0]
-    assert [layer.kind == "parallel" for layer in stream.layers] == spec.parallel_layers, plan.summary()
+    assert [layer.is_parallel for layer in stream.layers] == spec.parallel_layers, plan.summary()
     assert [i for block in stream.blocks for i in block] == list(range(spec.num_layers))
     got, want = tree_flatten(got)[0], tree_flatten(want)[0]
     assert len(got) == len(want)
@@ -128,7 +129,7 @@ def test_in_place_add_into_a_kept_hidden_state_is_refused_and_named():
     torch.manual_seed(0)
     model, x = HiddenStatesThenInPlaceAdd(), torch.randn(2, 5, 8)
     gm, graph_inputs = capture(model, x)
-    plan = plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), AttnResConfig())
+    plan = plan_graph(gm.graph, parameter_nodes(gm, graph_inputs), **AttnResConfig().plan_options)
     assert plan.streams == ()
     (site,) = [s for s in plan.skipped if "in place" in s.reason]
     writer = next(n for n in gm.graph.nodes if n.name == site.node)

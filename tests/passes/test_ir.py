@@ -1,4 +1,4 @@
-"""The IR vocabulary: one canonical op kind for torch IR (Dynamo) and aten IR (export)."""
+"""The IR vocabulary: one canonical op for torch IR (Dynamo) and aten IR (export)."""
 
 import operator
 
@@ -8,17 +8,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from attnres_compile.passes.ir import (
-    data_inputs,
-    flatten_nodes,
-    is_plain_add,
-    norm_eps,
-    op_kind,
-    scalar_args,
-    tensor_value,
-    users_in_order,
-    topo_index,
-)
+import attnres_compile  # noqa: F401  (registers torch.ops.attnres.*)
+from attnres_compile.passes.graph import tensor_value, topo_index
+from attnres_compile.passes.ir import canonical_op, data_inputs, is_plain_add, norm_eps, op_arguments, scalar_args
 
 aten = torch.ops.aten
 
@@ -34,7 +26,7 @@ def _graph_with(op, target, *args, **kwargs):
     return node, x, y
 
 
-# ---------------------------------------------------------------- op_kind
+# ---------------------------------------------------------------- canonical_op
 
 
 @pytest.mark.parametrize(
@@ -88,24 +80,24 @@ def _graph_with(op, target, *args, **kwargs):
         ("call_module", "lin", ("x",), None),
     ],
 )
-def test_op_kind(op, target, args, kind):
+def test_canonical_op(op, target, args, kind):
     node, _, _ = _graph_with(op, target, *args)
-    assert op_kind(node) == kind
+    assert canonical_op(node) == kind
 
 
-def test_op_kind_of_placeholders_and_outputs_is_none():
+def test_canonical_op_of_placeholders_and_outputs_is_none():
     node, x, _ = _graph_with("call_function", operator.add, "x", "y")
-    assert op_kind(x) is None
-    assert op_kind(next(iter(node.users))) is None  # the output node
+    assert canonical_op(x) is None
+    assert canonical_op(next(iter(node.users))) is None  # the output node
 
 
 def test_aten_type_as_is_a_cast_that_reads_only_its_first_argument():
     node, x, y = _graph_with("call_function", aten.type_as.default, "x", "y")
-    assert op_kind(node) == "cast"
+    assert canonical_op(node) == "cast"
     assert data_inputs(node) == [x]
 
 
-# ---------------------------------------------------------------- op_kind on real graphs
+# ---------------------------------------------------------------- canonical_op on real graphs
 
 
 class _Block(nn.Module):
@@ -117,16 +109,16 @@ class _Block(nn.Module):
         return x + 0.5 * self.lin(self.norm(x))
 
 
-def test_op_kind_on_a_dynamo_graph():
+def test_canonical_op_on_a_dynamo_graph():
     graphs = []
     torch.compile(_Block(), backend=lambda gm, ex: (graphs.append(gm), gm.forward)[1])(torch.randn(2, 3, 16))
-    kinds = [op_kind(n) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    kinds = [canonical_op(n) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert kinds == ["norm", None, "mul", "add"]  # layer_norm, linear, 0.5 *, x +
 
 
-def test_op_kind_on_an_export_graph():
+def test_canonical_op_on_an_export_graph():
     ep = torch.export.export(_Block(), (torch.randn(2, 3, 16),)).run_decompositions({})
-    kinds = {n.target: op_kind(n) for n in ep.graph.nodes if n.op == "call_function"}
+    kinds = {n.target: canonical_op(n) for n in ep.graph.nodes if n.op == "call_function"}
     assert kinds[aten.add.Tensor] == "add"
     assert kinds[aten.mul.Tensor] == "mul"
     assert kinds[aten.layer_norm.default] == "norm"
@@ -212,7 +204,7 @@ def test_norm_eps(target, args, kwargs, eps):
     assert norm_eps(node) == (pytest.approx(eps) if eps is not None else None)
 
 
-def test_scalar_args_and_flatten_nodes():
+def test_scalar_args():
     node, x, y = _graph_with("call_function", operator.add, "x", 1e-6)
     assert scalar_args(node) == [1e-6]
     graph = fx.Graph()
@@ -220,7 +212,6 @@ def test_scalar_args_and_flatten_nodes():
     cat = graph.call_function(torch.cat, ([a, b], 0))
     assert scalar_args(cat) == [0]
     assert scalar_args(graph.call_function(operator.mul, (a, True))) == []  # bools are flags
-    assert flatten_nodes(([a, (b, 1)], {"k": a})) == [a, b, a]
 
 
 def test_tensor_value_reads_dynamo_and_export_meta():
@@ -233,7 +224,7 @@ def test_tensor_value_reads_dynamo_and_export_meta():
     assert tensor_value(c) is None
 
 
-def test_topo_index_and_users_in_order():
+def test_topo_index_follows_the_graph_order():
     graph = fx.Graph()
     x = graph.placeholder("x")
     late = graph.call_function(torch.relu, (x,))
@@ -242,4 +233,10 @@ def test_topo_index_and_users_in_order():
     graph.output((late, early))
     order = topo_index(graph)
     assert order[x] < order[early] < order[late]
-    assert users_in_order(x, order) == [early, late]
+
+
+def test_op_arguments_names_the_arguments_by_the_schema():
+    graph = fx.Graph()
+    o, lse, query = graph.placeholder("o"), graph.placeholder("lse"), graph.placeholder("query")
+    merge = graph.call_function(torch.ops.attnres.merge.default, (o, lse, None, query), {"eps": 1e-6, "scale": 2.0})
+    assert op_arguments(merge) == {"o": o, "lse": lse, "partial": None, "query": query, "eps": 1e-6, "scale": 2.0}

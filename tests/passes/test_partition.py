@@ -6,7 +6,11 @@ import math
 import pytest
 
 from attnres_compile.config import AttnResConfig
-from attnres_compile.passes import partition_blocks
+from attnres_compile.passes.partition import partition_blocks
+
+
+def blocks_of(num_layers, config):
+    return partition_blocks(num_layers, num_blocks=config.num_blocks, block_size=config.block_size)
 
 
 @pytest.mark.parametrize(
@@ -38,13 +42,13 @@ from attnres_compile.passes import partition_blocks
     ],
 )
 def test_partition_exact(num_layers, config, blocks):
-    assert partition_blocks(num_layers, config) == blocks
+    assert blocks_of(num_layers, config) == blocks
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3, 7, 12, 25, 40])
 @pytest.mark.parametrize("num_blocks", [1, 2, 3, 5, 8, 13, 64])
 def test_partition_properties(num_layers, num_blocks):
-    blocks = partition_blocks(num_layers, AttnResConfig(num_blocks=num_blocks))
+    blocks = blocks_of(num_layers, AttnResConfig(num_blocks=num_blocks))
     size = math.ceil(num_layers / num_blocks)
     assert [i for block in blocks for i in block] == list(range(num_layers))  # consecutive, complete
     assert all(len(b) == size for b in blocks[:-1])
@@ -56,23 +60,23 @@ def test_partition_properties(num_layers, num_blocks):
 @pytest.mark.parametrize("num_layers", [0, -1])
 def test_partition_of_no_layers_is_an_error(num_layers):
     with pytest.raises(ValueError, match="at least one layer"):
-        partition_blocks(num_layers, AttnResConfig())
+        blocks_of(num_layers, AttnResConfig())
 
 
 def test_clamp_to_full_attnres_is_logged_not_refused(caplog):
     with caplog.at_level(logging.INFO, logger="attnres_compile"):
-        assert partition_blocks(4, AttnResConfig()) == ((0,), (1,), (2,), (3,))
+        assert blocks_of(4, AttnResConfig()) == ((0,), (1,), (2,), (3,))
     assert "Full AttnRes" in caplog.text
 
 
 def test_fewer_blocks_than_asked_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="attnres_compile"):
-        assert len(partition_blocks(6, AttnResConfig(num_blocks=4))) == 3
+        assert len(blocks_of(6, AttnResConfig(num_blocks=4))) == 3
     assert "give 3 blocks" in caplog.text and "num_blocks=4" in caplog.text
 
 
 def test_exact_partition_logs_nothing(caplog):
     with caplog.at_level(logging.INFO, logger="attnres_compile"):
-        partition_blocks(8, AttnResConfig(num_blocks=4))
-        partition_blocks(10, AttnResConfig(block_size=4))
+        blocks_of(8, AttnResConfig(num_blocks=4))
+        blocks_of(10, AttnResConfig(block_size=4))
     assert caplog.text == ""

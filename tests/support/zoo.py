@@ -217,5 +217,5 @@ def set_random_queries(model: nn.Module, seed: int = 0) -> None:
     """Fill a prepared model's queries with rows of std 1/sqrt(d) (O(1) read scores), in place."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for q in model.attnres.streams:
+        for q in model.attnres.queries:
             q.copy_(torch.randn(q.shape, generator=gen) / q.shape[-1] ** 0.5)

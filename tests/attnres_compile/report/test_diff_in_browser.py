@@ -16,10 +16,11 @@ import torch
 
 import attnres_compile
 from attnres_compile import AttnResConfig
-from attnres_compile.diff import BLOCK_COLOURS, write_diff_html
+from attnres_compile.report import write_diff_html
+from attnres_compile.report.colours import BLOCK_COLOURS
 from zoo import tiny_gpt
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RENDER = ROOT / "scripts" / "render_html.sh"
 WIDTH, HEIGHT = 1400, 1800
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import attnres_compile.kernels  # noqa: F401  (registers torch.ops.attnres.*)
-from attnres_compile.backend import _zero_queries, parameter_nodes
+import attnres_compile  # noqa: F401  (registers torch.ops.attnres.*)
+from attnres_compile.core import zero_queries_in_graph
+from attnres_compile.passes.graph import parameter_nodes
 from attnres_compile.config import AttnResConfig
-from attnres_compile.passes import apply_plan, plan_graph
-from attnres_compile.passes.rewrite import REWRITE_META
+from attnres_compile.passes.pipeline import apply_plan, plan_graph
+from attnres_compile.passes.reads import ROLES, tag_of
 from fx_models import D, Mlp, ParallelStack, RMSNorm, capture, x_input  # tests/support
 
 OPS = torch.ops.attnres
@@ -79,7 +80,7 @@ def rewritten(model, *args, scale="count", **config):
     query node defined later would be used before it is defined.
     """
     gm, example_inputs = capture(model, *args)
-    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), AttnResConfig(scale=scale, **config))
+    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), **AttnResConfig(scale=scale, **config).plan_options)
     assert len(plan.streams) == 1, plan.summary()
     first = next(iter(gm.graph.nodes))
     with gm.graph.inserting_before(first):
@@ -139,7 +140,7 @@ def test_merge_scale_is_the_number_of_sources_in_count_mode_and_one_in_mean_mode
 
 def test_parallel_layer_gets_one_read_for_both_branches():
     gm, _, plan, _ = rewritten(ParallelStack(3), x_input(), num_blocks=3)
-    assert [layer.kind for layer in plan.streams[0].layers] == ["parallel"] * 3
+    assert [layer.is_parallel for layer in plan.streams[0].layers] == [True] * 3
     merges = calls(gm, OPS.merge.default)
     assert len(merges) == 3
     for merge in merges:
@@ -207,9 +208,9 @@ def test_backend_zero_queries_on_embedding_model_with_hidden_state_output():
     model = EmbeddingLM(4)
     idx = torch.randint(0, 32, (2, 5))
     gm, example_inputs = capture(model, idx)
-    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), AttnResConfig(num_blocks=2))
+    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), **AttnResConfig(num_blocks=2).plan_options)
     assert plan.streams[0].blocks == ((0, 1), (2, 3))
-    apply_plan(gm, plan, _zero_queries(gm, plan), "count")
+    apply_plan(gm, plan, zero_queries_in_graph(gm, plan), "count")
     (final,) = calls(gm, OPS.read.default)
     # the final norm (read twice: .float() and .type_as) and the returned hidden state
     assert any(u.op == "output" for u in final.users)
@@ -225,8 +226,8 @@ def test_backend_zero_queries_when_b0_is_a_graph_input():
     """b_0 is the model's input: the first reads must follow the in-graph zero queries."""
     model, x = Sequential(3), x_input()
     gm, example_inputs = capture(model, x)
-    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), AttnResConfig())
-    apply_plan(gm, plan, _zero_queries(gm, plan), "count")
+    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), **AttnResConfig().plan_options)
+    apply_plan(gm, plan, zero_queries_in_graph(gm, plan), "count")
     with torch.no_grad():
         (out,) = gm(*example_inputs)  # a Dynamo graph returns a tuple
         assert_rel_close(out, model(x))
@@ -315,7 +316,7 @@ def test_random_queries_match_a_hand_written_block_attnres(name, num_blocks, sca
 def test_rewritten_graph_has_no_stream_left():
     gm, example_inputs, plan, _ = rewritten(Sequential(4), x_input(), num_blocks=2)
     params = parameter_nodes(gm, [None, *example_inputs])  # the queries input comes first
-    again = plan_graph(gm.graph, params, AttnResConfig())
+    again = plan_graph(gm.graph, params, **AttnResConfig().plan_options)
     assert again.streams == ()
 
 
@@ -329,16 +330,40 @@ def test_nodes_are_ordered_after_rewrite():
     assert all(g.args[0].target is OPS.block_read.default for g in getitems)
 
 
+def _place(tag):
+    return {key: tag[key] for key in ("stream", "block", "layer")}
+
+
 def test_every_new_node_is_tagged_with_its_stream_block_and_layer():
     gm, _, plan, _ = rewritten(Sequential(5), x_input(), num_blocks=2)
     stream = plan.streams[0]
-    tags = {n: n.meta.get(REWRITE_META) for n in gm.graph.nodes}
+    tags = {n: tag_of(n) for n in gm.graph.nodes}
     for node in calls(gm, OPS.block_read.default):
         first_layer = stream.blocks[tags[node]["block"]][0]
-        assert tags[node] == {"stream": 0, "block": tags[node]["block"], "layer": first_layer}
+        assert _place(tags[node]) == {"stream": 0, "block": tags[node]["block"], "layer": first_layer}
     merges = calls(gm, OPS.merge.default)
     assert [tags[n]["layer"] for n in merges] == list(range(len(stream.layers)))
     assert [tags[n]["block"] for n in merges] == [b for b, layers in enumerate(stream.blocks) for _ in layers]
     (final,) = calls(gm, OPS.read.default)
-    assert tags[final] == {"stream": 0, "block": len(stream.blocks), "layer": len(stream.layers)}
+    assert _place(tags[final]) == {"stream": 0, "block": len(stream.blocks), "layer": len(stream.layers)}
     assert all(tags[n] is None for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def test_every_new_node_says_its_role_and_each_read_what_it_weighs():
+    gm, _, plan, _ = rewritten(Sequential(5), x_input(), num_blocks=2)  # blocks of 3 and 2 layers
+    tagged = [tag_of(n) for n in gm.graph.nodes if tag_of(n) is not None]
+    assert tagged and all(tag["role"] in ROLES for tag in tagged)
+    for node in calls(gm, OPS.block_read.default):
+        block = tag_of(node)["block"]
+        assert tag_of(node)["role"] == "block_read"
+        assert tag_of(node)["sources"] == [f"b_{j}" for j in range(block + 1)]
+        assert len(node.args[0]) == block + 1
+    for node in calls(gm, OPS.merge.default):
+        tag = tag_of(node)
+        completed = [f"b_{j}" for j in range(tag["block"] + 1)]
+        first_of_block = tag["layer"] == plan.streams[0].blocks[tag["block"]][0]
+        assert tag["role"] == "merge"
+        assert tag["sources"] == completed + ([] if first_of_block else ["partial"])
+        assert (node.args[2] is None) == first_of_block
+    (final,) = calls(gm, OPS.read.default)
+    assert tag_of(final)["role"] == "read" and tag_of(final)["sources"] == ["b_0", "b_1", "b_2"]
