@@ -278,6 +278,25 @@ def step_extra_bytes(fn: Callable, device: str) -> int:
     return peak
 
 
+def saved_for_backward_bytes(arm: TrainArm, x: torch.Tensor, args) -> int:
+    """Bytes of the tensors one training step's forward keeps for its backward (each storage view once).
+
+    Counted by ``torch.autograd.graph.saved_tensors_hooks`` around the compiled forward; the backward
+    then runs and frees them.
+    """
+    saved: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(args):
+        logits = arm.compiled(x)
+    logits.float().square().mean().backward()
+    arm.optimizer.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
 def peak_step_bytes(arm: TrainArm, step: Callable, device: str) -> int:
     """Peak memory of one training step of this arm alone: resident state + the step's own peak."""
     return resident_bytes(arm) + step_extra_bytes(step, device)
@@ -307,11 +326,12 @@ def bench_overhead_shape(args, layers: int, d_model: int) -> dict:
     infer = median_interleaved({n: (lambda a=a: prefill(a, prompt, args)) for n, a in arms.items()},
                                args.device, args.warmup_steps, args.timed_steps)
     memory = {n: peak_step_bytes(a, lambda a=a: train_step(a, x, y, args), args.device) for n, a in arms.items()}
+    saved = {n: saved_for_backward_bytes(a, x, args) for n, a in arms.items()}
     row = {
         "shape": f"{layers} x {d_model}",
         "params": sum(p.numel() for p in arms["baseline"].model.parameters()),
         "plan": attnres_model.attnres.plan.summary().splitlines()[0],
-        "train_s": train, "prefill_s": infer, "peak_bytes": memory,
+        "train_s": train, "prefill_s": infer, "peak_bytes": memory, "saved_bytes": saved,
         "graphs": {n: a.graphs.graphs for n, a in arms.items()},
     }
     del arms, attnres_model
@@ -355,20 +375,22 @@ def overhead_table(args, rows: list[dict]) -> str:
         f"GPT from `examples/tiny_gpt.py`, vocab {args.gpt_vocab}; training step = forward + backward + AdamW "
         f"on {args.train_batch} x {args.seq} tokens; prefill = no-grad forward of {args.prefill_batch} x {args.seq} "
         f"tokens; median of {args.timed_steps} interleaved repeats after {args.warmup_steps} warm-up; peak "
-        "memory = the arm's weights and AdamW state + the step's own peak allocation.",
+        "memory = the arm's weights and AdamW state + the step's own peak allocation; saved = the bytes the "
+        "forward keeps for the backward (`saved_tensors_hooks`).",
         "",
         "| layers x d | params | Block AttnRes plan | train step ms (baseline / attnres) | train ratio | "
         "prefill ms (baseline / attnres) | prefill ratio | peak MiB (baseline / attnres) | memory ratio | "
-        "graphs (baseline, attnres) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "saved MB (baseline / attnres) | saved ratio | graphs (baseline, attnres) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        t, p, m, g = r["train_s"], r["prefill_s"], r["peak_bytes"], r["graphs"]
+        t, p, m, s, g = r["train_s"], r["prefill_s"], r["peak_bytes"], r["saved_bytes"], r["graphs"]
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e6:.1f} M | {r['plan']} | "
             f"{1e3 * t['baseline']:.1f} / {1e3 * t['attnres']:.1f} | {t['attnres'] / t['baseline']:.3f} | "
             f"{1e3 * p['baseline']:.2f} / {1e3 * p['attnres']:.2f} | {p['attnres'] / p['baseline']:.3f} | "
             f"{m['baseline'] / 2**20:,.1f} / {m['attnres'] / 2**20:,.1f} | {m['attnres'] / m['baseline']:.3f} | "
+            f"{s['baseline'] / 1e6:,.1f} / {s['attnres'] / 1e6:,.1f} | {s['attnres'] / s['baseline']:.3f} | "
             f"{g['baseline']}, {g['attnres']} |"
         )
     return "\n".join(lines)

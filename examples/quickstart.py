@@ -77,6 +77,7 @@ def main(argv=None) -> dict:
 
     losses = []
     start = time.perf_counter()
+    print("compiling (the first step traces, rewrites and compiles the model; later steps reuse it) ...", flush=True)
     for step, (x, y) in enumerate(itertools.islice(batches, args.steps), start=1):
         loss = loss_fn(compiled(x), y)
         optimizer.zero_grad(set_to_none=True)

@@ -11,19 +11,21 @@ Ops (schemas are pinned; the passes find the reads by these names)::
                                                                # [*grad_sources, grad_queries]
     attnres::merge(Tensor o, Tensor lse, Tensor? partial, Tensor query, float eps,
                    float scale) -> Tensor
-    attnres::merge_backward(Tensor grad, Tensor o, Tensor lse, Tensor? partial,
+    attnres::merge_backward(Tensor grad, Tensor h, Tensor lse, Tensor? partial,
                             Tensor query, float eps, float scale) -> Tensor[]
                                           # [grad_o, grad_lse, (grad_partial,) grad_query]
+                                          # h: the merge's output, which its backward reads
 
 Each op is a ``torch.library.triton_op``: eager calls run the body; under
 ``torch.compile`` AOTAutograd decomposes the op into its body, so Inductor sees
-(and fuses) what is inside it -- the PyTorch reference on CPU (compiled to
-C++), the ``wrap_triton`` kernels on CUDA, which Inductor keeps as user-defined
-Triton kernels in its output code -- while ``torch.export`` keeps each op as
-one node. The body also serves as the fake kernel, so it must stay traceable
-under FakeTensor and symbolic shapes: no ``.item()``, no data-dependent control
-flow. Each forward op has ``register_autograd`` whose backward is the matching
-``*_backward`` op, so the backward is one node too.
+what is inside it -- the ``wrap_triton`` kernels on CUDA, which Inductor keeps
+as user-defined Triton kernels in its output code; elsewhere one
+``attnres::reference_*`` op, which it calls as an extern kernel -- while
+``torch.export`` keeps each op as one node. The body also serves as the fake
+kernel, so it must stay traceable under FakeTensor and symbolic shapes: no
+``.item()``, no data-dependent control flow. Each forward op has
+``register_autograd`` whose backward is the matching ``*_backward`` op, so the
+backward is one node too.
 
 Which path a body takes (decided from dtypes and devices only, so it traces):
 
@@ -32,16 +34,18 @@ Which path a body takes (decided from dtypes and devices only, so it traces):
 - the same kernels under the Triton interpreter for real (not fake) tensors on
   any device when the process runs with ``TRITON_INTERPRET=1`` (set before this
   package is imported): that is how the CPU tests exercise them;
-- the PyTorch reference (``reference``) otherwise: CPU, fp64, a missing Triton,
-  empty tensors.
+- the PyTorch reference (``reference``) otherwise -- CPU, fp64, a missing
+  Triton, empty tensors -- run eagerly inside an ``attnres::reference_*`` op
+  (see the section on them below for why it is opaque to the compiler).
 
 Phase 2 (``attnres::merge`` and its backward) can instead stay on aten ops on
-CUDA, which Inductor fuses with the add that forms the partial. The choice is
-read at each dispatch (:func:`merge_impl`): ``ATTNRES_MERGE_IMPL=aten|triton``
-in the environment, or :func:`use_merge_impl` around the calls (a compiled
-graph keeps the choice it was traced with). The default is ``"triton"`` until
-both have been measured side by side on a GPU (``benchmarks/bench_read.py``
-times both). A layer without a partial (``h = scale * o``) always uses aten ops.
+CUDA, traced so that Inductor fuses them with the add that forms the partial.
+The choice is read at each dispatch (:func:`merge_impl`):
+``ATTNRES_MERGE_IMPL=aten|triton`` in the environment, or :func:`use_merge_impl`
+around the calls (a compiled graph keeps the choice it was traced with). The
+default is ``"triton"`` until both have been measured side by side on a GPU
+(``benchmarks/bench_read.py`` times both). On CUDA a layer without a partial
+(``h = scale * o``) is always traced aten ops.
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import hashlib
 import logging
 import os
+from pathlib import Path
 from types import ModuleType
 from typing import Iterator, NamedTuple, Optional, Sequence
 
@@ -60,7 +66,14 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 
-__all__ = ["attnres_block_read", "attnres_merge", "attnres_read", "merge_impl", "use_merge_impl"]
+__all__ = [
+    "attnres_block_read",
+    "attnres_merge",
+    "attnres_read",
+    "implementation_fingerprint",
+    "merge_impl",
+    "use_merge_impl",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +83,22 @@ MERGE_IMPLS = ("triton", "aten")
 _merge_impl_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attnres_merge_impl", default=None)
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def implementation_fingerprint() -> str:
+    """A hash of this package's sources (the ops' bodies, the reference, the kernels).
+
+    Inductor's FX graph and AOTAutograd caches key on the traced graph, which
+    names these ops but does not hold their Python bodies: code compiled
+    against other bodies (another release, an edited checkout) must not be
+    served for these. The backend puts this hash into the caches' key.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------
@@ -144,8 +173,14 @@ def use_merge_impl(impl: str) -> Iterator[None]:
         _merge_impl_override.reset(token)
 
 
-def _use_triton_merge(*tensors: Optional[Tensor]) -> bool:
-    return merge_impl() == "triton" and _use_triton(*tensors)
+def _use_triton_merge(partial: Optional[Tensor], *tensors: Optional[Tensor]) -> bool:
+    return partial is not None and merge_impl() == "triton" and _use_triton(partial, *tensors)
+
+
+def _traced_merge(partial: Optional[Tensor], *tensors: Tensor) -> bool:
+    """On CUDA, the merge's aten ops go to Inductor to fuse (the "aten" merge, or no partial to merge)."""
+    on_cuda = all(t.device.type == "cuda" for t in (*tensors, *([partial] if partial is not None else [])))
+    return on_cuda and (partial is None or merge_impl() == "aten")
 
 
 # --------------------------------------------------------------------------
@@ -220,6 +255,64 @@ def _check_merge(op: str, o: Tensor, lse: Tensor, partial: Optional[Tensor], que
 
 
 # --------------------------------------------------------------------------
+# The reference path, as ops torch.compile does not trace into
+# --------------------------------------------------------------------------
+# Where the Triton kernels do not apply (CPU, fp64) a read runs the reference
+# math eagerly, inside an op of its own: Inductor calls it as an extern kernel
+# instead of generating code for it. Generated code would differ from read to
+# read (the number of sources, the scale, the query row are constants in it),
+# so every layer would add kernels to compile; as an extern call, a model's
+# reads add none, and its compile time stays that of the plain model at any
+# depth. The fake (meta) implementations are the same reference functions.
+
+
+@torch.library.custom_op("attnres::reference_read", mutates_args=())
+def _reference_read(sources: list[Tensor], query: Tensor, eps: float, scale: float) -> Tensor:
+    return reference.read_forward(sources, query, eps, scale)
+
+
+@torch.library.custom_op("attnres::reference_read_backward", mutates_args=())
+def _reference_read_backward(
+    grad: Tensor, sources: list[Tensor], query: Tensor, eps: float, scale: float
+) -> list[Tensor]:
+    grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
+    return [*grad_sources, grad_query]
+
+
+@torch.library.custom_op("attnres::reference_block_read", mutates_args=())
+def _reference_block_read(sources: list[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return reference.block_read_forward(sources, queries, eps)
+
+
+@torch.library.custom_op("attnres::reference_block_read_backward", mutates_args=())
+def _reference_block_read_backward(
+    grad_o: Tensor, grad_lse: Tensor, sources: list[Tensor], queries: Tensor, eps: float
+) -> list[Tensor]:
+    grad_sources, grad_queries = reference.block_read_backward(grad_o, grad_lse, sources, queries, eps)
+    return [*grad_sources, grad_queries]
+
+
+@torch.library.custom_op("attnres::reference_merge", mutates_args=())
+def _reference_merge(
+    o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
+) -> Tensor:
+    return reference.merge_forward(o, lse, partial, query, eps, scale)
+
+
+@torch.library.custom_op("attnres::reference_merge_backward", mutates_args=())
+def _reference_merge_backward(
+    grad: Tensor, h: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
+) -> list[Tensor]:
+    grads = reference.merge_backward(grad, h, lse, partial, query, eps, scale)  # grad_partial None without a partial
+    return [g for g in grads if g is not None]
+
+
+for _op in (_reference_read, _reference_read_backward, _reference_block_read, _reference_block_read_backward,
+            _reference_merge, _reference_merge_backward):
+    _op.register_fake(_op._init_fn)  # the reference math traces under FakeTensor and symbolic shapes
+
+
+# --------------------------------------------------------------------------
 # Plain read
 # --------------------------------------------------------------------------
 
@@ -230,7 +323,7 @@ def _read(sources: list[Tensor], query: Tensor, eps: float, scale: float) -> Ten
     _check_query("attnres::read", "query", query, sources[0].shape[-1], sources[0], rows=False)
     if _use_triton(*sources, query):
         return _triton_kernels().read.read_forward(sources, query, eps, scale)
-    return reference.read_forward(sources, query, eps, scale)
+    return torch.ops.attnres.reference_read(sources, query, eps, scale)
 
 
 @torch.library.triton_op("attnres::read_backward", mutates_args=())
@@ -239,9 +332,8 @@ def _read_backward(
 ) -> list[Tensor]:
     if _use_triton(grad, *sources, query):
         grad_sources, grad_query = _triton_kernels().read.read_backward(grad, sources, query, eps, scale)
-    else:
-        grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
-    return [*grad_sources, grad_query]
+        return [*grad_sources, grad_query]
+    return torch.ops.attnres.reference_read_backward(grad, sources, query, eps, scale)
 
 
 def _read_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -272,7 +364,7 @@ def _block_read(sources: list[Tensor], queries: Tensor, eps: float) -> tuple[Ten
     )
     if _use_triton(*sources, queries):
         return _triton_kernels().block_read.block_read_forward(sources, queries, eps)
-    return reference.block_read_forward(sources, queries, eps)
+    return torch.ops.attnres.reference_block_read(sources, queries, eps)
 
 
 @torch.library.triton_op("attnres::block_read_backward", mutates_args=())
@@ -283,11 +375,8 @@ def _block_read_backward(
         grad_sources, grad_queries = _triton_kernels().block_read.block_read_backward(
             grad_o, grad_lse, sources, queries, eps
         )
-    else:
-        grad_sources, grad_queries = reference.block_read_backward(
-            grad_o, grad_lse, sources, queries, eps
-        )
-    return [*grad_sources, grad_queries]
+        return [*grad_sources, grad_queries]
+    return torch.ops.attnres.reference_block_read_backward(grad_o, grad_lse, sources, queries, eps)
 
 
 def _block_read_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -325,45 +414,43 @@ def _merge(
     o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
 ) -> Tensor:
     _check_merge("attnres::merge", o, lse, partial, query)
-    if partial is not None and _use_triton_merge(o, lse, partial, query):
+    if _use_triton_merge(partial, o, lse, query):
         return _triton_kernels().merge.merge_forward(o, lse, partial, query, eps, scale)
-    return reference.merge_forward(o, lse, partial, query, eps, scale)
+    if _traced_merge(partial, o, lse, query):
+        return reference.merge_forward(o, lse, partial, query, eps, scale)
+    return torch.ops.attnres.reference_merge(o, lse, partial, query, eps, scale)
 
 
 @torch.library.triton_op("attnres::merge_backward", mutates_args=())
 def _merge_backward(
     grad: Tensor,
-    o: Tensor,
+    h: Tensor,
     lse: Tensor,
     partial: Optional[Tensor],
     query: Tensor,
     eps: float,
     scale: float,
 ) -> list[Tensor]:
-    if partial is not None and _use_triton_merge(grad, o, lse, partial, query):
-        grad_o, grad_lse, grad_partial, grad_query = _triton_kernels().merge.merge_backward(
-            grad, o, lse, partial, query, eps, scale
-        )
-    else:
-        grad_o, grad_lse, grad_partial, grad_query = reference.merge_backward(
-            grad, o, lse, partial, query, eps, scale
-        )
-    if grad_partial is None:
-        return [grad_o, grad_lse, grad_query]
-    return [grad_o, grad_lse, grad_partial, grad_query]
+    if _use_triton_merge(partial, grad, h, lse, query):
+        return list(_triton_kernels().merge.merge_backward(grad, h, lse, partial, query, eps, scale))
+    if _traced_merge(partial, grad, h, lse, query):
+        grads = reference.merge_backward(grad, h, lse, partial, query, eps, scale)
+        return [g for g in grads if g is not None]  # grad_partial is None without a partial
+    return torch.ops.attnres.reference_merge_backward(grad, h, lse, partial, query, eps, scale)
 
 
 def _merge_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     o, lse, partial, query, eps, scale = inputs
     ctx.has_partial = partial is not None
-    ctx.save_for_backward(o, lse, query, *([partial] if partial is not None else []))
+    # The output, not o: the layer's norm keeps h anyway (see reference.merge_backward).
+    ctx.save_for_backward(output, lse, query, *([partial] if partial is not None else []))
     ctx.eps, ctx.scale = eps, scale
 
 
 def _merge_autograd(ctx, grad: Tensor):  # noqa: ANN001, ANN202
-    o, lse, query, *rest = ctx.saved_tensors
+    h, lse, query, *rest = ctx.saved_tensors
     partial = rest[0] if ctx.has_partial else None
-    grads = torch.ops.attnres.merge_backward(grad, o, lse, partial, query, ctx.eps, ctx.scale)
+    grads = torch.ops.attnres.merge_backward(grad, h, lse, partial, query, ctx.eps, ctx.scale)
     if partial is None:
         grad_o, grad_lse, grad_query = grads
         grad_partial = None

@@ -71,11 +71,11 @@ def rms_key(v: Tensor, eps: float) -> Tensor:
     return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _stack_tokens(sources: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """Stack ``N`` sources ``[..., d]`` into one ``[N, T, d]`` tensor of ``dtype``."""
+def _token_major(sources: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The N sources ``[..., d]`` as one ``[T, N, d]`` tensor of ``dtype``: per token, its N values side by side."""
     lead, d = sources[0].shape[:-1], sources[0].shape[-1]
     tokens = math.prod(lead)  # SymInt-friendly; 1 for a bare [d] source
-    return torch.stack([v.to(dtype) for v in sources]).reshape(len(sources), tokens, d)
+    return torch.stack([v.to(dtype).reshape(tokens, d) for v in sources], dim=1)
 
 
 def _inv_rms(v: Tensor, eps: float) -> Tensor:
@@ -83,107 +83,21 @@ def _inv_rms(v: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
 
 
-# --------------------------------------------------------------------------
-# Plain read: all sources, one query (the simple per-layer variant)
-# --------------------------------------------------------------------------
+def _scores(v: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``s [T, N, S]``, ``s_qi = w_q . k_i = r_i (w_q . v_i)``, and ``r [T, N, 1]``.
 
-
-def _source_weights(v: Tensor, w: Tensor, eps: float) -> Tensor:
-    """``a [N, T] = softmax_i(w . k_i)`` of stacked sources ``v [N, T, d]`` and a query ``w [d]``."""
-    s = (rms_key(v, eps) * w).sum(-1)  # [N, T]
-    return torch.softmax(s, dim=0)
-
-
-def read_weights(sources: Sequence[Tensor], query: Tensor, eps: float) -> Tensor:
-    """The read's weights ``alpha_i = softmax_i(w . k_i)`` per token.
-
-    Parameters
-    ----------
-    sources : list of N Tensors [..., d], one shape and dtype
-    query : Tensor [d]
-    eps : float
-
-    Returns
-    -------
-    alpha : Tensor [..., N], fp32 (fp64 for fp64 inputs); sums to 1 over the last dim.
+    ``v [T, N, d]``: the sources per token; ``w [S, d]``: the queries.
     """
-    dtype = compute_dtype(sources[0].dtype, query.dtype)
-    a = _source_weights(_stack_tokens(sources, dtype), query.to(dtype), eps)  # [N, T]
-    return a.t().reshape(*sources[0].shape[:-1], len(sources))
-
-
-def read_forward(sources: Sequence[Tensor], query: Tensor, eps: float, scale: float) -> Tensor:
-    """``h = scale * sum_i softmax_i(w . k_i) v_i``.
-
-    Parameters
-    ----------
-    sources : list of N Tensors [..., d], one shape and dtype
-    query : Tensor [d]
-        The pseudo-query ``w``.
-    eps : float
-        Key-norm eps.
-    scale : float
-        ``c_l``: 1 for a convex mix, N to reproduce a plain residual sum at
-        zero query.
-
-    Returns
-    -------
-    h : Tensor [..., d], dtype of the sources.
-    """
-    dtype = compute_dtype(sources[0].dtype, query.dtype)
-    v = _stack_tokens(sources, dtype)  # [N, T, d]
-    a = _source_weights(v, query.to(dtype), eps)  # [N, T]
-    h = scale * (a.unsqueeze(-1) * v).sum(0)  # [T, d]
-    return h.reshape(sources[0].shape).to(sources[0].dtype)
-
-
-def read_backward(
-    grad_h: Tensor, sources: Sequence[Tensor], query: Tensor, eps: float, scale: float
-) -> tuple[list[Tensor], Tensor]:
-    """Gradients of :func:`read_forward`, by the explicit formulas.
-
-    With ``g = grad_h`` and ``o = sum_i a_i v_i`` (recomputed)::
-
-        ds_i = scale * a_i * (g . v_i - g . o)
-        dv_i = scale * a_i * g + ds_i * (r_i * w - s_i * r_i**2 * v_i / d)
-        dw   = sum over tokens and i of ds_i * k_i
-
-    Parameters
-    ----------
-    grad_h : Tensor [..., d]
-    sources : list of N Tensors [..., d]
-    query : Tensor [d]
-    eps, scale : float
-
-    Returns
-    -------
-    grad_sources : list of N Tensors [..., d], dtype of the sources
-    grad_query : Tensor [d], dtype of the query
-    """
-    dtype = compute_dtype(sources[0].dtype, query.dtype, grad_h.dtype)
-    d = sources[0].shape[-1]
-    v = _stack_tokens(sources, dtype)  # [N, T, d]
-    w = query.to(dtype)  # [d]
-    g = grad_h.to(dtype).reshape(v.shape[1:])  # [T, d]
-
-    r = _inv_rms(v, eps)  # [N, T, 1]
-    k = r * v  # [N, T, d]
-    s = (k * w).sum(-1, keepdim=True)  # [N, T, 1]
-    a = torch.softmax(s, dim=0)  # [N, T, 1]
-    o = (a * v).sum(0)  # [T, d]
-
-    ds = scale * a * ((g * v).sum(-1, keepdim=True) - (g * o).sum(-1, keepdim=True))  # [N, T, 1]
-    grad_sources = []
-    for i, src in enumerate(sources):
-        dv = scale * a[i] * g + ds[i] * (r[i] * w - s[i] * r[i].pow(2) * v[i] / d)  # [T, d]
-        grad_sources.append(dv.reshape(src.shape).to(src.dtype))
-    dw = (ds * k).sum((0, 1))  # [d]
-    return grad_sources, dw.to(query.dtype)
+    r = _inv_rms(v, eps)
+    return (v @ w.t()) * r, r
 
 
 # --------------------------------------------------------------------------
 # Phase 1: S queries of a block against its completed sources
 # --------------------------------------------------------------------------
+# Per token the read is a tiny attention over the N sources, so the math is
+# written token-major: batched matrix products over tokens of [S, N] and
+# [N, d] matrices, a few ATen calls whatever N and S are.
 
 
 def block_read_forward(
@@ -207,16 +121,14 @@ def block_read_forward(
     lse : Tensor [S, ...], fp32 (fp64 for fp64 inputs)
     """
     dtype = compute_dtype(sources[0].dtype, queries.dtype)
-    lead = sources[0].shape[:-1]
-    v = _stack_tokens(sources, dtype)  # [N, T, d]
-    w = queries.to(dtype)  # [S, d]
-    s = torch.einsum("qd,ntd->qnt", w, rms_key(v, eps))  # [S, N, T]
-    a = torch.softmax(s, dim=1)  # [S, N, T]
-    o = torch.einsum("qnt,ntd->qtd", a, v)  # [S, T, d]
-    lse = torch.logsumexp(s, dim=1)  # [S, T]
-    num_queries = queries.shape[0]
-    o = o.reshape(num_queries, *sources[0].shape).to(sources[0].dtype)
-    return o, lse.reshape(num_queries, *lead)
+    v = _token_major(sources, dtype)  # [T, N, d]
+    s, _ = _scores(v, queries.to(dtype), eps)  # [T, N, S]
+    a = torch.softmax(s, dim=1)  # [T, N, S]
+    o = a.transpose(1, 2) @ v  # [T, S, d]
+    lse = torch.logsumexp(s, dim=1)  # [T, S]
+    num_queries, lead = queries.shape[0], sources[0].shape[:-1]
+    o = o.transpose(0, 1).reshape(num_queries, *sources[0].shape)
+    return o.to(sources[0].dtype), lse.t().reshape(num_queries, *lead)
 
 
 def block_read_backward(
@@ -249,40 +161,98 @@ def block_read_backward(
     """
     dtype = compute_dtype(sources[0].dtype, queries.dtype)
     d = sources[0].shape[-1]
-    v = _stack_tokens(sources, dtype)  # [N, T, d]
+    v = _token_major(sources, dtype)  # [T, N, d]
     w = queries.to(dtype)  # [S, d]
-    num_queries, tokens = queries.shape[0], v.shape[1]
+    tokens, num_queries = v.shape[0], w.shape[0]
 
-    r = _inv_rms(v, eps)  # [N, T, 1]
-    k = r * v  # [N, T, d]
-    s = torch.einsum("qd,ntd->qnt", w, k)  # [S, N, T]
-    a = torch.softmax(s, dim=1)  # [S, N, T]
-
+    s, r = _scores(v, w, eps)  # [T, N, S], [T, N, 1]
+    a = torch.softmax(s, dim=1)  # [T, N, S]
     if grad_o is None:
-        g = torch.zeros(num_queries, tokens, d, dtype=dtype, device=v.device)
+        g = torch.zeros(tokens, num_queries, d, dtype=dtype, device=v.device)
     else:
-        g = grad_o.to(dtype).reshape(num_queries, tokens, d)  # [S, T, d]
-    if grad_lse is None:
-        glse = torch.zeros(num_queries, 1, tokens, dtype=dtype, device=v.device)
-    else:
-        glse = grad_lse.to(dtype).reshape(num_queries, 1, tokens)  # [S, 1, T]
+        g = grad_o.to(dtype).reshape(num_queries, tokens, d).transpose(0, 1)  # [T, S, d]
+    g_dot_v = v @ g.transpose(1, 2)  # [T, N, S]: g_q . v_i
+    g_dot_o = (a * g_dot_v).sum(1, keepdim=True)  # [T, 1, S]: g_q . o_q = sum_i a_qi (g_q . v_i)
+    ds = a * (g_dot_v - g_dot_o)  # [T, N, S]; exactly 0 for a single source
+    if grad_lse is not None:
+        ds = ds + a * grad_lse.to(dtype).reshape(num_queries, tokens).t().unsqueeze(1)
 
-    o = torch.einsum("qnt,ntd->qtd", a, v)  # [S, T, d]
-    g_dot_v = torch.einsum("qtd,ntd->qnt", g, v)  # [S, N, T]
-    g_dot_o = (g * o).sum(-1).unsqueeze(1)  # [S, 1, T]
-    ds = a * (g_dot_v - g_dot_o) + a * glse  # [S, N, T]
-
-    grad_sources = []
-    for i, src in enumerate(sources):
-        a_i, ds_i, s_i = a[:, i], ds[:, i], s[:, i]  # [S, T]
-        dv = (
-            torch.einsum("qt,qtd->td", a_i, g)  # sum_q a_qi g_q
-            + r[i] * torch.einsum("qt,qd->td", ds_i, w)  # sum_q ds_qi r_i w_q
-            - (ds_i * s_i).sum(0).unsqueeze(-1) * r[i].pow(2) * v[i] / d
-        )  # [T, d]
-        grad_sources.append(dv.reshape(src.shape).to(src.dtype))
-    dw = torch.einsum("qnt,ntd->qd", ds, k)  # [S, d]
+    dv = a @ g  # [T, N, d]: sum_q a_qi g_q
+    dv = dv + r * (ds @ w)  # sum_q ds_qi r_i w_q
+    dv = dv - (ds * s).sum(-1, keepdim=True) * r.pow(2) * v / d
+    dw = ds.reshape(-1, num_queries).t() @ (r * v).reshape(-1, d)  # [S, d]: sum over tokens and i of ds_qi k_i
+    # Each gradient its own tensor, not a view into dv: callers (the ops) may not return aliases.
+    grad_sources = [dv[:, i].reshape(src.shape).to(src.dtype, copy=True) for i, src in enumerate(sources)]
     return grad_sources, dw.to(queries.dtype)
+
+
+# --------------------------------------------------------------------------
+# Plain read: all sources, one query (phase 1 with S = 1, scaled)
+# --------------------------------------------------------------------------
+
+
+def read_weights(sources: Sequence[Tensor], query: Tensor, eps: float) -> Tensor:
+    """The read's weights ``alpha_i = softmax_i(w . k_i)`` per token.
+
+    Parameters
+    ----------
+    sources : list of N Tensors [..., d], one shape and dtype
+    query : Tensor [d]
+    eps : float
+
+    Returns
+    -------
+    alpha : Tensor [..., N], fp32 (fp64 for fp64 inputs); sums to 1 over the last dim.
+    """
+    dtype = compute_dtype(sources[0].dtype, query.dtype)
+    s, _ = _scores(_token_major(sources, dtype), query.to(dtype).unsqueeze(0), eps)  # [T, N, 1]
+    return torch.softmax(s[..., 0], dim=1).reshape(*sources[0].shape[:-1], len(sources))
+
+
+def read_forward(sources: Sequence[Tensor], query: Tensor, eps: float, scale: float) -> Tensor:
+    """``h = scale * sum_i softmax_i(w . k_i) v_i``: :func:`block_read_forward` with one query, scaled.
+
+    Parameters
+    ----------
+    sources : list of N Tensors [..., d], one shape and dtype
+    query : Tensor [d]
+        The pseudo-query ``w``.
+    eps : float
+        Key-norm eps.
+    scale : float
+        ``c_l``: 1 for a convex mix, N to reproduce a plain residual sum at
+        zero query.
+
+    Returns
+    -------
+    h : Tensor [..., d], dtype of the sources.
+    """
+    o, _ = block_read_forward(sources, query.unsqueeze(0), eps)
+    dtype = compute_dtype(sources[0].dtype, query.dtype)
+    return (scale * o[0].to(dtype)).to(sources[0].dtype)
+
+
+def read_backward(
+    grad_h: Tensor, sources: Sequence[Tensor], query: Tensor, eps: float, scale: float
+) -> tuple[list[Tensor], Tensor]:
+    """Gradients of :func:`read_forward`: :func:`block_read_backward` of ``scale * grad_h``.
+
+    Parameters
+    ----------
+    grad_h : Tensor [..., d]
+    sources : list of N Tensors [..., d]
+    query : Tensor [d]
+    eps, scale : float
+
+    Returns
+    -------
+    grad_sources : list of N Tensors [..., d], dtype of the sources
+    grad_query : Tensor [d], dtype of the query
+    """
+    dtype = compute_dtype(sources[0].dtype, query.dtype, grad_h.dtype)
+    grad_o = (scale * grad_h.to(dtype)).unsqueeze(0)  # [1, ..., d]
+    grad_sources, grad_queries = block_read_backward(grad_o, None, sources, query.unsqueeze(0), eps)
+    return grad_sources, grad_queries[0]
 
 
 # --------------------------------------------------------------------------
@@ -328,21 +298,24 @@ def merge_forward(
 
 def merge_backward(
     grad_h: Tensor,
-    o: Tensor,
+    h: Tensor,
     lse: Tensor,
     partial: Optional[Tensor],
     query: Tensor,
     eps: float,
     scale: float,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-    """Gradients of :func:`merge_forward`, by the explicit formulas.
+    """Gradients of :func:`merge_forward`, by the explicit formulas, from its output ``h``.
 
-    With ``b_o = exp(lse - m)``, ``b_p = exp(s_p - m)``,
-    ``hbar = b_o o + b_p p`` and ``g = grad_h``::
+    The backward reads the merge's output rather than phase 1's ``o``: the
+    layer's norm keeps ``h`` for its own backward anyway, so nothing
+    stream-sized is saved for the merge but the partial. With
+    ``b_o = exp(lse - m)``, ``b_p = exp(s_p - m)`` (``b_o + b_p = 1``),
+    ``hbar = h / scale = b_o o + b_p p`` and ``g = grad_h``::
 
-        grad_o       = scale * b_o * g
-        grad_lse     = scale * b_o * (g . o - g . hbar)
         ds_p         = scale * b_p * (g . p - g . hbar)
+        grad_o       = scale * b_o * g
+        grad_lse     = scale * b_o * (g . o - g . hbar) = -ds_p
         grad_partial = scale * b_p * g + ds_p * (r_p * w - s_p * r_p**2 * p / d)
         grad_query   = sum over tokens of ds_p * k_p
 
@@ -351,7 +324,8 @@ def merge_backward(
     Parameters
     ----------
     grad_h : Tensor [..., d]
-    o : Tensor [..., d]
+    h : Tensor [..., d]
+        :func:`merge_forward`'s output.
     lse : Tensor [...]
     partial : Tensor [..., d] or None
     query : Tensor [d]
@@ -359,19 +333,18 @@ def merge_backward(
 
     Returns
     -------
-    grad_o : Tensor [..., d], dtype of ``o``
+    grad_o : Tensor [..., d], dtype of ``h``
     grad_lse : Tensor [...], dtype of ``lse``
     grad_partial : Tensor [..., d] (dtype of ``partial``) or None
     grad_query : Tensor [d], dtype of ``query``
     """
-    dtype = compute_dtype(o.dtype, lse.dtype, query.dtype, grad_h.dtype)
+    dtype = compute_dtype(h.dtype, lse.dtype, query.dtype, grad_h.dtype)
     g = grad_h.to(dtype)  # [..., d]
     if partial is None:
-        grad_o = (scale * g).to(o.dtype)
+        grad_o = (scale * g).to(h.dtype)
         return grad_o, torch.zeros_like(lse), None, torch.zeros_like(query)
 
-    d = o.shape[-1]
-    o_ = o.to(dtype)
+    d = h.shape[-1]
     p = partial.to(dtype)
     w = query.to(dtype)
     r_p = _inv_rms(p, eps)  # [..., 1]
@@ -381,17 +354,16 @@ def merge_backward(
     m = torch.logaddexp(lse_, s_p)
     b_o = torch.exp(lse_ - m)  # [..., 1]
     b_p = torch.exp(s_p - m)  # [..., 1]
-    g_dot_hbar = (g * (b_o * o_ + b_p * p)).sum(-1, keepdim=True)  # [..., 1]
+    g_dot_hbar = (g * h.to(dtype)).sum(-1, keepdim=True) / scale  # [..., 1]
 
-    grad_o = scale * b_o * g
-    grad_lse = scale * b_o * ((g * o_).sum(-1, keepdim=True) - g_dot_hbar)
     ds_p = scale * b_p * ((g * p).sum(-1, keepdim=True) - g_dot_hbar)  # [..., 1]
+    grad_o = scale * b_o * g
     grad_p = scale * b_p * g + ds_p * (r_p * w - s_p * r_p.pow(2) * p / d)
     tokens = math.prod(p.shape[:-1])
     grad_w = (ds_p * k_p).reshape(tokens, d).sum(0)  # [d]
     return (
-        grad_o.to(o.dtype),
-        grad_lse.squeeze(-1).to(lse.dtype),
+        grad_o.to(h.dtype),
+        (-ds_p).squeeze(-1).to(lse.dtype),
         grad_p.to(partial.dtype),
         grad_w.to(query.dtype),
     )

@@ -6,11 +6,13 @@ Math (per token; reference: :func:`reference.merge_forward` / ``_backward``)::
     m    = logaddexp(lse, s_p)                b_o = exp(lse - m), b_p = exp(s_p - m)
     h    = scale * (b_o o + b_p p)
 
-Backward, with ``g = grad_h`` and ``g . hbar = b_o g . o + b_p g . p``::
+Backward, from the forward's output ``h`` (``hbar = h / scale = b_o o + b_p p``;
+the layer's norm keeps ``h`` anyway, so phase 1's ``o`` need not be kept) and
+``g = grad_h``::
 
-    grad_o   = scale * b_o g
-    grad_lse = scale * b_o (g . o - g . hbar)
     ds_p     = scale * b_p (g . p - g . hbar)
+    grad_o   = scale * b_o g
+    grad_lse = scale * b_o (g . o - g . hbar) = -ds_p      (b_o + b_p = 1)
     grad_p   = scale * b_p g + ds_p (r_p w - s_p r_p**2 p / d)
     grad_w   = sum over tokens of ds_p r_p p
 
@@ -88,7 +90,7 @@ def _merge_fwd_kernel(
 @triton.jit
 def _merge_bwd_kernel(
     g_ptr,       # [T, D] grad of h
-    o_ptr,       # [T, D]
+    h_ptr,       # [T, D] the forward's output
     lse_ptr,     # [T] fp32
     p_ptr,       # [T, D]
     w_ptr,       # [D]
@@ -106,34 +108,31 @@ def _merge_bwd_kernel(
         tok = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # [BT]
         tok_ok = tok < T
 
-        # Sweep 1: sum of squares of p, w . p, g . o, g . p.
+        # Sweep 1: sum of squares of p, w . p, g . h, g . p.
         sumsq = tl.zeros([BLOCK_T], tl.float32)
         w_dot_p = tl.zeros([BLOCK_T], tl.float32)
-        g_dot_o = tl.zeros([BLOCK_T], tl.float32)
+        g_dot_h = tl.zeros([BLOCK_T], tl.float32)
         g_dot_p = tl.zeros([BLOCK_T], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             col = d0 + tl.arange(0, BLOCK_D)
             col_ok = col < D
             g = load_tile(g_ptr, tok, col, tok_ok, col_ok, D)  # [BT, BD]
-            o = load_tile(o_ptr, tok, col, tok_ok, col_ok, D)
+            h = load_tile(h_ptr, tok, col, tok_ok, col_ok, D)
             p = load_tile(p_ptr, tok, col, tok_ok, col_ok, D)
             w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)  # [BD]
             sumsq += tl.sum(p * p, 1)
             w_dot_p += tl.sum(p * w[None, :], 1)
-            g_dot_o += tl.sum(g * o, 1)
+            g_dot_h += tl.sum(g * h, 1)
             g_dot_p += tl.sum(g * p, 1)
         r_p = tl.rsqrt(sumsq / D + eps)  # [BT]
         s_p = w_dot_p * r_p
         lse = tl.load(lse_ptr + tok, mask=tok_ok, other=0.0).to(tl.float32)
         m = tl.maximum(lse, s_p)
         m = m + tl.log(tl.exp(lse - m) + tl.exp(s_p - m))
-        e_o = tl.exp(lse - m)  # [BT]
-        e_p = tl.exp(s_p - m)
-        g_dot_hbar = e_o * g_dot_o + e_p * g_dot_p
-        b_o = scale * e_o  # scale folded in
-        b_p = scale * e_p
-        tl.store(glse_ptr + tok, (b_o * (g_dot_o - g_dot_hbar)).to(glse_ptr.dtype.element_ty), mask=tok_ok)
-        ds_p = b_p * (g_dot_p - g_dot_hbar)  # [BT]
+        b_o = scale * tl.exp(lse - m)  # [BT], scale folded in
+        b_p = scale * tl.exp(s_p - m)
+        ds_p = b_p * (g_dot_p - g_dot_h / scale)  # [BT]
+        tl.store(glse_ptr + tok, (-ds_p).to(glse_ptr.dtype.element_ty), mask=tok_ok)
         p_coef = -ds_p * s_p * r_p * r_p / D  # [BT]
 
         # Sweep 2: grad_o, grad_p and this block's share of grad_w.
@@ -201,32 +200,33 @@ def merge_forward(o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: f
 
 
 def merge_backward(
-    grad_h: Tensor, o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float, scale: float
+    grad_h: Tensor, h: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float, scale: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Phase 2 backward in Triton (with a partial); same contract as :func:`reference.merge_backward`.
 
     Parameters
     ----------
-    grad_h, o, partial : Tensor [..., d]
+    grad_h, h, partial : Tensor [..., d]
+        ``h`` is the forward's output.
     lse : Tensor [...], fp32
     query : Tensor [d]
     eps, scale : float
 
     Returns
     -------
-    grad_o : Tensor [..., d], dtype of ``o``
+    grad_o : Tensor [..., d], dtype of ``h``
     grad_lse : Tensor [...], dtype of ``lse``
     grad_partial : Tensor [..., d], dtype of ``partial``
     grad_query : Tensor [d], dtype of ``query``
     """
-    grad_h, o, lse, partial, query = (t.contiguous() for t in (grad_h, o, lse, partial, query))
-    tokens, d = math.prod(o.shape[:-1]), int(o.shape[-1])
+    grad_h, h, lse, partial, query = (t.contiguous() for t in (grad_h, h, lse, partial, query))
+    tokens, d = math.prod(h.shape[:-1]), int(h.shape[-1])
     block_t, block_d, num_warps = _tiles(d)
-    num_programs = persistent_programs(o.device)
-    grad_o, grad_lse, grad_p = torch.empty_like(o), torch.empty_like(lse), torch.empty_like(partial)
-    dw_partial = torch.zeros((num_programs, d), dtype=torch.float32, device=o.device)
+    num_programs = persistent_programs(h.device)
+    grad_o, grad_lse, grad_p = torch.empty_like(h), torch.empty_like(lse), torch.empty_like(partial)
+    dw_partial = torch.zeros((num_programs, d), dtype=torch.float32, device=h.device)
     wrap_triton(_merge_bwd_kernel)[(num_programs,)](
-        grad_h, o, lse, partial, query, grad_o, grad_lse, grad_p, dw_partial,
+        grad_h, h, lse, partial, query, grad_o, grad_lse, grad_p, dw_partial,
         tokens, d, eps, scale,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )

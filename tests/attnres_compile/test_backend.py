@@ -135,3 +135,33 @@ def test_each_prepared_model_has_its_own_recompile_budget():
         backend = AttnResBackend(inductor=False)
         torch.compile(model, backend=backend)(x)
         assert len(backend.plans) == 1, f"model {depth} was not compiled by the backend"
+
+
+def test_compiling_is_said_in_the_log(caplog):
+    """A user sees what goes to Inductor and how long it took: compiling is the slow part of a first step."""
+    import re
+
+    model, args, _ = tiny_gpt()  # 2 blocks: 4 residual steps, 5 reads
+    with caplog.at_level(logging.INFO, logger="attnres_compile"):
+        torch.compile(model, backend="attnres")(*args)
+    assert re.search(r"compiling a graph of \d+ nodes with 5 Block AttnRes reads \(Inductor\)", caplog.text)
+    assert re.search(r"compiled in \d+\.\d s", caplog.text)
+
+
+def test_the_compile_caches_key_on_our_ops_sources(monkeypatch):
+    """Inductor's graph caches key on the graph, not on our ops' bodies: the backend adds their hash."""
+    import torch._inductor.compile_fx as inductor
+    from attnres_compile.kernels import ops
+
+    tags = []
+    compile_fx = inductor.compile_fx
+
+    def recording(gm, example_inputs, *args, **kwargs):
+        tags.append(torch.compiler.config.cache_key_tag)
+        return compile_fx(gm, example_inputs, *args, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", recording)
+    model, args, _ = tiny_gpt()
+    torch.compile(model, backend="attnres")(*args)
+    assert tags == [f"attnres-ops-{ops.implementation_fingerprint()}"]
+    assert torch.compiler.config.cache_key_tag == ""  # only while our graph compiles

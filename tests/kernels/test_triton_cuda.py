@@ -18,8 +18,15 @@ from attnres_compile.kernels import ops
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 EPS = 1e-6
-KERNELS_FORWARD = ("_block_read_fwd_kernel", "_merge_fwd_kernel")
+# Phase 1's forward has two kernels and the launcher picks by d and S: whole rows in registers
+# (``_block_read_fwd_rows_kernel``) while they fit, as at this Llama's d = 48, else the tiled one.
+PHASE1_FORWARD_KERNELS = ("_block_read_fwd_kernel", "_block_read_fwd_rows_kernel")
 KERNELS_BACKWARD = ("_block_read_bwd_kernel", "_merge_bwd_kernel")
+# verify's max |got - want| / max |want|. fp32: GPU matmuls and fused reductions run in another
+# order than eager. bf16: one rounding is up to 2^-8 of the largest entry, and eager rounds every
+# op's output while Inductor rounds once per fused kernel, so the two differ by a few roundings
+# along each output and gradient (1.4e-2 at worst on a CPU); a kernel slip is O(1).
+VERIFY_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
 def _cuda(*shape, dtype=torch.float32, seed=0):
@@ -55,7 +62,7 @@ def test_opcheck_on_the_triton_path(name, args):
     torch.library.opcheck(getattr(torch.ops.attnres, name).default, args)
 
 
-def _tiny_llama():
+def _tiny_llama(dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -64,14 +71,15 @@ def _tiny_llama():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     ids = torch.randint(0, 128, (2, 9)).cuda()
-    return LlamaForCausalLM(config).cuda(), ids
+    return LlamaForCausalLM(config).to(device="cuda", dtype=dtype), ids
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("merge_impl", ["triton", "aten"])
-def test_compiled_llama_runs_the_triton_kernels_and_verifies(monkeypatch, merge_impl):
+def test_compiled_llama_runs_the_triton_kernels_and_verifies(monkeypatch, merge_impl, dtype):
     pytest.importorskip("transformers")
     monkeypatch.setenv("ATTNRES_MERGE_IMPL", merge_impl)
-    model, ids = _tiny_llama()
+    model, ids = _tiny_llama(dtype)
     config = AttnResConfig(num_blocks=2)  # 4 layers, blocks of 2: phase 1, a merge, the final read
     prepared = attnres_compile.prepare(model, (ids,), config, example_kwargs={"use_cache": False})
     gen = torch.Generator().manual_seed(0)
@@ -85,14 +93,16 @@ def test_compiled_llama_runs_the_triton_kernels_and_verifies(monkeypatch, merge_
 
     _, codes = torch._inductor.utils.run_and_get_code(step)
     code = "\n".join(codes)
-    want = ["_block_read_fwd_kernel", "_block_read_bwd_kernel"]
+    want = ["_block_read_bwd_kernel"]
     if merge_impl == "triton":
         want += ["_merge_fwd_kernel", "_merge_bwd_kernel"]
     missing = [name for name in want if name not in code]
+    if not any(name in code for name in PHASE1_FORWARD_KERNELS):
+        missing.append(" or ".join(PHASE1_FORWARD_KERNELS))
     assert not missing, f"Inductor's output code lacks {missing}"
     if merge_impl == "aten":
         assert "_merge_fwd_kernel" not in code and "_merge_bwd_kernel" not in code
 
-    # GPU matmuls and fused reductions run in another order than eager: 1e-4, not 1e-5.
-    report = attnres_compile.verify(prepared, (ids,), config, example_kwargs={"use_cache": False}, rtol=1e-4)
+    report = attnres_compile.verify(prepared, (ids,), config, example_kwargs={"use_cache": False},
+                                    rtol=VERIFY_RTOL[dtype])
     assert report.ok, str(report)
