@@ -83,12 +83,14 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> Callable:
 
 
 def _cache_key_tag() -> str:
-    """The user's cache-key tag plus a hash of our ops' sources (see ``ops.implementation_fingerprint``).
+    """The user's cache-key tag plus what our ops' bodies trace to: a hash of their sources and the choices.
 
-    The graph-level caches key on the graph, which names our ops but does not hold their bodies;
-    with the hash in the key, artifacts compiled against other bodies are not served.
+    The graph-level caches key on the graph, which names our ops but does not hold their bodies
+    (``ops.implementation_fingerprint``), nor the settings that pick a body (``ops.choices_key``);
+    with both in the key, artifacts compiled against other bodies are not served.
     """
-    return f"{torch.compiler.config.cache_key_tag} attnres-ops-{ops.implementation_fingerprint()}".strip()
+    key = f"attnres-ops-{ops.implementation_fingerprint()}-{ops.choices_key()}"
+    return f"{torch.compiler.config.cache_key_tag} {key}".strip()
 
 
 def attnres_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:

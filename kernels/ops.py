@@ -70,17 +70,17 @@ __all__ = [
     "attnres_block_read",
     "attnres_merge",
     "attnres_read",
+    "choices_key",
     "implementation_fingerprint",
     "merge_impl",
+    "reference_reads",
     "use_merge_impl",
+    "use_reference_reads",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EPS = reference.DEFAULT_EPS
-
-MERGE_IMPLS = ("triton", "aten")
-_merge_impl_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attnres_merge_impl", default=None)
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -146,10 +146,39 @@ def _use_triton(*tensors: Optional[Tensor]) -> bool:
     return on_cuda
 
 
-def _checked_merge_impl(impl: str, where: str) -> str:
-    if impl not in MERGE_IMPLS:
-        raise ValueError(f"attnres::merge: {where} must be 'triton' or 'aten', got {impl!r}")
-    return impl
+class _Choice:
+    """A setting read at each dispatch: a context manager's value, else an environment variable, else the default.
+
+    Read while a compile traces an op's body, so a compiled graph keeps the
+    value it was traced with; the backend puts every choice's value into
+    Inductor's cache key (:func:`choices_key`).
+    """
+
+    def __init__(self, env: str, allowed: tuple[str, ...]):
+        self.env, self.allowed = env, allowed
+        self._override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(env, default=None)
+
+    def _checked(self, value: str, where: str) -> str:
+        if value not in self.allowed:
+            options = " or ".join(repr(a) for a in self.allowed)
+            raise ValueError(f"attnres: {where} must be {options}, got {value!r}")
+        return value
+
+    def get(self) -> str:
+        override = self._override.get()
+        return override if override is not None else self._checked(os.environ.get(self.env, self.allowed[0]), self.env)
+
+    @contextlib.contextmanager
+    def use(self, value: str, where: str) -> Iterator[None]:
+        token = self._override.set(self._checked(value, where))
+        try:
+            yield
+        finally:
+            self._override.reset(token)
+
+
+_MERGE_IMPL = _Choice("ATTNRES_MERGE_IMPL", ("triton", "aten"))
+_REFERENCE_READS = _Choice("ATTNRES_REFERENCE_READS", ("extern", "traced"))
 
 
 def merge_impl() -> str:
@@ -157,20 +186,35 @@ def merge_impl() -> str:
 
     :func:`use_merge_impl` wins over ``ATTNRES_MERGE_IMPL`` in the environment.
     """
-    override = _merge_impl_override.get()
-    if override is not None:
-        return override
-    return _checked_merge_impl(os.environ.get("ATTNRES_MERGE_IMPL", "triton"), "ATTNRES_MERGE_IMPL")
+    return _MERGE_IMPL.get()
 
 
-@contextlib.contextmanager
-def use_merge_impl(impl: str) -> Iterator[None]:
+def use_merge_impl(impl: str):
     """Run phase 2 as ``impl`` (``"triton"`` or ``"aten"``) inside the block (and trace it so)."""
-    token = _merge_impl_override.set(_checked_merge_impl(impl, "use_merge_impl(impl)"))
-    try:
-        yield
-    finally:
-        _merge_impl_override.reset(token)
+    return _MERGE_IMPL.use(impl, "use_merge_impl(impl)")
+
+
+def reference_reads() -> str:
+    """How a compile takes a read that has no Triton kernel (CPU, fp64), read at dispatch.
+
+    ``"extern"`` (default): one ``attnres::reference_*`` op, which Inductor calls
+    as an extern kernel -- no generated code per read, so the compile time of a
+    deep model stays near the plain model's. ``"traced"``: the reference math,
+    traced for Inductor to fuse with its neighbours -- faster steps on small
+    CPU shapes, but every layer adds kernels to generate and compile.
+    :func:`use_reference_reads` wins over ``ATTNRES_REFERENCE_READS``.
+    """
+    return _REFERENCE_READS.get()
+
+
+def use_reference_reads(mode: str):
+    """Take reads without a Triton kernel as ``mode`` (``"extern"`` or ``"traced"``) inside the block."""
+    return _REFERENCE_READS.use(mode, "use_reference_reads(mode)")
+
+
+def choices_key() -> str:
+    """The settings that change what an op's body traces to, for Inductor's cache key."""
+    return f"merge={merge_impl()},reference_reads={reference_reads()}"
 
 
 def _use_triton_merge(partial: Optional[Tensor], *tensors: Optional[Tensor]) -> bool:
@@ -178,9 +222,12 @@ def _use_triton_merge(partial: Optional[Tensor], *tensors: Optional[Tensor]) -> 
 
 
 def _traced_merge(partial: Optional[Tensor], *tensors: Tensor) -> bool:
-    """On CUDA, the merge's aten ops go to Inductor to fuse (the "aten" merge, or no partial to merge)."""
+    """The merge's aten ops go to Inductor to fuse: on CUDA the "aten" merge or no partial to merge;
+    elsewhere with ``reference_reads() == "traced"``."""
     on_cuda = all(t.device.type == "cuda" for t in (*tensors, *([partial] if partial is not None else [])))
-    return on_cuda and (partial is None or merge_impl() == "aten")
+    if on_cuda:
+        return partial is None or merge_impl() == "aten"
+    return reference_reads() == "traced"
 
 
 # --------------------------------------------------------------------------
@@ -263,7 +310,7 @@ def _check_merge(op: str, o: Tensor, lse: Tensor, partial: Optional[Tensor], que
 # read (the number of sources, the scale, the query row are constants in it),
 # so every layer would add kernels to compile; as an extern call, a model's
 # reads add none, and its compile time stays that of the plain model at any
-# depth. The fake (meta) implementations are the same reference functions.
+# depth.
 
 
 @torch.library.custom_op("attnres::reference_read", mutates_args=())
@@ -307,9 +354,49 @@ def _reference_merge_backward(
     return [g for g in grads if g is not None]
 
 
-for _op in (_reference_read, _reference_read_backward, _reference_block_read, _reference_block_read_backward,
-            _reference_merge, _reference_merge_backward):
-    _op.register_fake(_op._init_fn)  # the reference math traces under FakeTensor and symbolic shapes
+# Fake implementations: shapes and dtypes only. A compile traces each read several times
+# (metadata, the joint graph, the partitioner), so running the reference math on fake
+# tensors there would cost a deep model seconds of compile time for nothing.
+
+
+def _like_sources(sources: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.empty_like(v, memory_format=torch.contiguous_format) for v in sources]
+
+
+@_reference_read.register_fake
+def _(sources, query, eps, scale):
+    return torch.empty_like(sources[0], memory_format=torch.contiguous_format)
+
+
+@_reference_read_backward.register_fake
+def _(grad, sources, query, eps, scale):
+    return [*_like_sources(sources), torch.empty_like(query)]
+
+
+@_reference_block_read.register_fake
+def _(sources, queries, eps):
+    first, num_queries = sources[0], queries.shape[0]
+    lse_dtype = reference.compute_dtype(first.dtype, queries.dtype)
+    o = first.new_empty((num_queries, *first.shape))
+    return o, first.new_empty((num_queries, *first.shape[:-1]), dtype=lse_dtype)
+
+
+@_reference_block_read_backward.register_fake
+def _(grad_o, grad_lse, sources, queries, eps):
+    return [*_like_sources(sources), torch.empty_like(queries)]
+
+
+@_reference_merge.register_fake
+def _(o, lse, partial, query, eps, scale):
+    return torch.empty_like(o, memory_format=torch.contiguous_format)
+
+
+@_reference_merge_backward.register_fake
+def _(grad, h, lse, partial, query, eps, scale):
+    grads = [torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(lse)]
+    if partial is not None:
+        grads.append(torch.empty_like(partial, memory_format=torch.contiguous_format))
+    return [*grads, torch.empty_like(query)]
 
 
 # --------------------------------------------------------------------------
@@ -323,6 +410,8 @@ def _read(sources: list[Tensor], query: Tensor, eps: float, scale: float) -> Ten
     _check_query("attnres::read", "query", query, sources[0].shape[-1], sources[0], rows=False)
     if _use_triton(*sources, query):
         return _triton_kernels().read.read_forward(sources, query, eps, scale)
+    if reference_reads() == "traced":
+        return reference.read_forward(sources, query, eps, scale)
     return torch.ops.attnres.reference_read(sources, query, eps, scale)
 
 
@@ -332,6 +421,9 @@ def _read_backward(
 ) -> list[Tensor]:
     if _use_triton(grad, *sources, query):
         grad_sources, grad_query = _triton_kernels().read.read_backward(grad, sources, query, eps, scale)
+        return [*grad_sources, grad_query]
+    if reference_reads() == "traced":
+        grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
         return [*grad_sources, grad_query]
     return torch.ops.attnres.reference_read_backward(grad, sources, query, eps, scale)
 
@@ -364,6 +456,8 @@ def _block_read(sources: list[Tensor], queries: Tensor, eps: float) -> tuple[Ten
     )
     if _use_triton(*sources, queries):
         return _triton_kernels().block_read.block_read_forward(sources, queries, eps)
+    if reference_reads() == "traced":
+        return reference.block_read_forward(sources, queries, eps)
     return torch.ops.attnres.reference_block_read(sources, queries, eps)
 
 
@@ -375,6 +469,9 @@ def _block_read_backward(
         grad_sources, grad_queries = _triton_kernels().block_read.block_read_backward(
             grad_o, grad_lse, sources, queries, eps
         )
+        return [*grad_sources, grad_queries]
+    if reference_reads() == "traced":
+        grad_sources, grad_queries = reference.block_read_backward(grad_o, grad_lse, sources, queries, eps)
         return [*grad_sources, grad_queries]
     return torch.ops.attnres.reference_block_read_backward(grad_o, grad_lse, sources, queries, eps)
 

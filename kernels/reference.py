@@ -80,7 +80,8 @@ def _token_major(sources: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
 
 def _inv_rms(v: Tensor, eps: float) -> Tensor:
     """``r = rsqrt(mean(v ** 2, -1) + eps)`` of ``v [..., d]``, kept as ``[..., 1]``."""
-    return torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)  # one read of v, no [..., d] temporary
+    return torch.rsqrt(norm.square() / v.shape[-1] + eps)
 
 
 def _scores(v: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -127,8 +128,8 @@ def block_read_forward(
     o = a.transpose(1, 2) @ v  # [T, S, d]
     lse = torch.logsumexp(s, dim=1)  # [T, S]
     num_queries, lead = queries.shape[0], sources[0].shape[:-1]
-    o = o.transpose(0, 1).reshape(num_queries, *sources[0].shape)
-    return o.to(sources[0].dtype), lse.t().reshape(num_queries, *lead)
+    o = o.transpose(0, 1).contiguous().reshape(num_queries, *sources[0].shape)  # [S, ..., d]
+    return o.to(sources[0].dtype), lse.t().contiguous().reshape(num_queries, *lead)
 
 
 def block_read_backward(
@@ -170,17 +171,18 @@ def block_read_backward(
     if grad_o is None:
         g = torch.zeros(tokens, num_queries, d, dtype=dtype, device=v.device)
     else:
-        g = grad_o.to(dtype).reshape(num_queries, tokens, d).transpose(0, 1)  # [T, S, d]
+        g = grad_o.to(dtype).reshape(num_queries, tokens, d).transpose(0, 1).contiguous()  # [T, S, d]
     g_dot_v = v @ g.transpose(1, 2)  # [T, N, S]: g_q . v_i
     g_dot_o = (a * g_dot_v).sum(1, keepdim=True)  # [T, 1, S]: g_q . o_q = sum_i a_qi (g_q . v_i)
     ds = a * (g_dot_v - g_dot_o)  # [T, N, S]; exactly 0 for a single source
     if grad_lse is not None:
         ds = ds + a * grad_lse.to(dtype).reshape(num_queries, tokens).t().unsqueeze(1)
 
+    # In place on dv, which nothing else holds: each term is one pass over [T, N, d].
     dv = a @ g  # [T, N, d]: sum_q a_qi g_q
-    dv = dv + r * (ds @ w)  # sum_q ds_qi r_i w_q
-    dv = dv - (ds * s).sum(-1, keepdim=True) * r.pow(2) * v / d
-    dw = ds.reshape(-1, num_queries).t() @ (r * v).reshape(-1, d)  # [S, d]: sum over tokens and i of ds_qi k_i
+    dv.addcmul_(r, ds @ w)  # + sum_q ds_qi r_i w_q
+    dv.addcmul_((ds * s).sum(-1, keepdim=True) * r.square() / d, v, value=-1)  # - sum_q ds_qi s_qi r_i^2 v_i / d
+    dw = (ds * r).reshape(-1, num_queries).t() @ v.reshape(-1, d)  # [S, d]: sum over tokens and i of ds_qi k_i
     # Each gradient its own tensor, not a view into dv: callers (the ops) may not return aliases.
     grad_sources = [dv[:, i].reshape(src.shape).to(src.dtype, copy=True) for i, src in enumerate(sources)]
     return grad_sources, dw.to(queries.dtype)

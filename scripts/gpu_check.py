@@ -26,7 +26,7 @@ so that a crash or a hang costs that stage only; the whole run also stops at
 - ``read``: ``benchmarks/bench_read.py`` at the headline shape (T 16384, d 2048,
   N 9, S 6, bf16), with the anchors that are importable. Smoke: ``--smoke``.
 - ``e2e``: ``benchmarks/bench_e2e.py --overhead`` at 24 x 1024. Smoke: 1 x 32.
-- ``compile``: ``benchmarks/bench_compile.py`` at 24 layers (smoke: 2), skipped
+- ``compile``: ``benchmarks/bench_compile.py`` at 24 layers (smoke: 1 layer, one step, cold only), skipped
   while that file does not exist.
 
 Results folder, at most 7 files and no sub-folder (what a device machine

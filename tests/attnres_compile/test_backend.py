@@ -163,5 +163,18 @@ def test_the_compile_caches_key_on_our_ops_sources(monkeypatch):
     monkeypatch.setattr(inductor, "compile_fx", recording)
     model, args, _ = tiny_gpt()
     torch.compile(model, backend="attnres")(*args)
-    assert tags == [f"attnres-ops-{ops.implementation_fingerprint()}"]
+    assert tags == [f"attnres-ops-{ops.implementation_fingerprint()}-{ops.choices_key()}"]
+    assert "reference_reads=extern" in tags[0] and "merge=triton" in tags[0]
     assert torch.compiler.config.cache_key_tag == ""  # only while our graph compiles
+
+
+def test_traced_reference_reads_compile_the_same_model(monkeypatch):
+    """ATTNRES_REFERENCE_READS=traced hands the reads' math to Inductor instead of extern calls: same numbers."""
+    model, args, _ = tiny_gpt()
+    attnres_compile.prepare(model, args)
+    set_random_queries(model)
+    want = torch.compile(model, backend=AttnResBackend())(*args)
+    torch._dynamo.reset()
+    monkeypatch.setenv("ATTNRES_REFERENCE_READS", "traced")
+    got = torch.compile(model, backend=AttnResBackend())(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from attnres_compile.kernels.ops import attnres_block_read, attnres_merge, attnres_read
+from attnres_compile.kernels import ops
 from attnres_compile.kernels import reference as ref
+from attnres_compile.kernels.ops import attnres_block_read, attnres_merge, attnres_read
 
 EPS = 1e-6
 N, SHAPE, D, S = 3, (2, 3, 5), 5, 2
@@ -246,6 +247,32 @@ def test_compile_decomposes_the_ops():
     assert all(t.startswith("attnres.reference_") for t in ours), ours  # no read op left undecomposed
     assert {"attnres.reference_block_read.default", "attnres.reference_merge.default"} <= forward
     assert {"attnres.reference_block_read_backward.default", "attnres.reference_merge_backward.default"} <= backward
+
+
+def test_traced_reference_reads_leave_no_op_of_ours_and_match_the_extern_ones():
+    """use_reference_reads("traced"): the reference math itself goes to Inductor, fwd and bwd; same values."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    args = _inputs(torch.float32)
+    want_out, want_grads = _fwd_bwd(_block, *args)
+    torch._dynamo.reset()
+    with ops.use_reference_reads("traced"):
+        compiled = torch.compile(_block, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+        got_out, got_grads = _fwd_bwd(compiled, *args)
+    assert len(graphs) == 2
+    for gm in graphs:
+        targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        assert not any(t.startswith("attnres.") for t in targets), targets
+    assert _rel_err(got_out, want_out) <= 1e-5
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert _rel_err(got, want) <= 1e-5
 
 
 def test_export_keeps_one_node_per_op():
