@@ -74,12 +74,34 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     reads = sum(s.num_queries for s in plan.streams)
-    log.info("attnres: compiling a graph of %d nodes with %d Block AttnRes reads (Inductor) ...", len(gm.graph.nodes), reads)
+    mode = _reference_reads_for(example_inputs)
+    log.info(
+        "attnres: compiling a graph of %d nodes with %d Block AttnRes reads (Inductor; reads without a Triton "
+        "kernel: %s) ...", len(gm.graph.nodes), reads, mode,
+    )
     start = time.perf_counter()
-    with torch.compiler.config.patch(cache_key_tag=_cache_key_tag()):
+    with ops.use_reference_reads(mode), torch.compiler.config.patch(cache_key_tag=_cache_key_tag()):
         compiled = compile_fx(gm, example_inputs)
     log.info("attnres: compiled in %.1f s (a training graph's backward compiles at its first backward)", time.perf_counter() - start)
     return compiled
+
+
+def _reference_reads_for(example_inputs: list) -> str:
+    """``ops.reference_reads()``, with ``"auto"`` decided for this graph.
+
+    A graph with a backward (grad enabled and an input that requires grad, the
+    test AOTAutograd applies) takes the reads as extern calls: its compile,
+    forward and backward, is the long one and would otherwise grow with depth.
+    An inference graph (prefill, decode, eval) takes them traced: fused with
+    their neighbours, for the latency of each step.
+    """
+    mode = ops.reference_reads()
+    if mode != "auto":
+        return mode
+    needs_backward = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    )
+    return "extern" if needs_backward else "traced"
 
 
 def _cache_key_tag() -> str:

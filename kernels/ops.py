@@ -36,7 +36,8 @@ Which path a body takes (decided from dtypes and devices only, so it traces):
   package is imported): that is how the CPU tests exercise them;
 - the PyTorch reference (``reference``) otherwise -- CPU, fp64, a missing
   Triton, empty tensors -- run eagerly inside an ``attnres::reference_*`` op
-  (see the section on them below for why it is opaque to the compiler).
+  (see the section on them below for why it is opaque to the compiler), or
+  traced for Inductor to fuse (:func:`reference_reads`).
 
 Phase 2 (``attnres::merge`` and its backward) can instead stay on aten ops on
 CUDA, traced so that Inductor fuses them with the add that forms the partial.
@@ -67,6 +68,8 @@ from torch._subclasses.fake_tensor import is_fake
 from . import reference
 
 __all__ = [
+    "MERGE_IMPLS",
+    "REFERENCE_READS",
     "attnres_block_read",
     "attnres_merge",
     "attnres_read",
@@ -177,8 +180,12 @@ class _Choice:
             self._override.reset(token)
 
 
-_MERGE_IMPL = _Choice("ATTNRES_MERGE_IMPL", ("triton", "aten"))
-_REFERENCE_READS = _Choice("ATTNRES_REFERENCE_READS", ("extern", "traced"))
+MERGE_IMPLS = ("triton", "aten")
+"""Values of :func:`merge_impl`, the default first."""
+REFERENCE_READS = ("auto", "extern", "traced")
+"""Values of :func:`reference_reads`, the default first."""
+_MERGE_IMPL = _Choice("ATTNRES_MERGE_IMPL", MERGE_IMPLS)
+_REFERENCE_READS = _Choice("ATTNRES_REFERENCE_READS", REFERENCE_READS)
 
 
 def merge_impl() -> str:
@@ -197,18 +204,22 @@ def use_merge_impl(impl: str):
 def reference_reads() -> str:
     """How a compile takes a read that has no Triton kernel (CPU, fp64), read at dispatch.
 
-    ``"extern"`` (default): one ``attnres::reference_*`` op, which Inductor calls
-    as an extern kernel -- no generated code per read, so the compile time of a
-    deep model stays near the plain model's. ``"traced"``: the reference math,
-    traced for Inductor to fuse with its neighbours -- faster steps on small
-    CPU shapes, but every layer adds kernels to generate and compile.
-    :func:`use_reference_reads` wins over ``ATTNRES_REFERENCE_READS``.
+    ``"extern"``: one ``attnres::reference_*`` op, which Inductor calls as an
+    extern kernel -- no generated code per read, so the compile time of a deep
+    model stays near the plain model's, for slower steps. ``"traced"``: the
+    reference math, traced for Inductor to fuse with its neighbours -- faster
+    steps on CPU, but every layer adds kernels to generate and compile.
+    ``"auto"`` (default): the backend picks per graph (see
+    ``attnres_compile.backend``): ``"extern"`` for a graph with a backward,
+    whose compile is the long one, ``"traced"`` for an inference graph
+    (prefill, decode), whose step latency counts most; elsewhere it means
+    ``"extern"``. :func:`use_reference_reads` wins over ``ATTNRES_REFERENCE_READS``.
     """
     return _REFERENCE_READS.get()
 
 
 def use_reference_reads(mode: str):
-    """Take reads without a Triton kernel as ``mode`` (``"extern"`` or ``"traced"``) inside the block."""
+    """Take reads without a Triton kernel as ``mode`` (one of :data:`REFERENCE_READS`) inside the block."""
     return _REFERENCE_READS.use(mode, "use_reference_reads(mode)")
 
 

@@ -22,14 +22,7 @@ ANCHORS=(
     flash-attn-res==0.1.12
 )
 
-python=${PYTHON:-}
-if [[ -z "$python" ]]; then
-    if [[ -x .venv/bin/python ]]; then
-        python=.venv/bin/python
-    else
-        python=python3
-    fi
-fi
+source scripts/python.sh  # sets $python
 
 mkdir -p .gpu_wheels
 status=0

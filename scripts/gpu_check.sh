@@ -9,17 +9,10 @@
 # Results go to $OUT/gpu_check when $OUT is set, else runs/gpu_check (or --out DIR).
 # The interpreter: $PYTHON, else the checkout's .venv, else python3. Nothing is
 # installed into it: scripts/gpu_check.py makes the checkout importable itself.
-# Exit status 0 only if every stage that ran passed. See scripts/GPU_CHECK.md.
+# Exit status 0 only if every stage that ran passed. See README.md, "GPU check".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python=${PYTHON:-}
-if [[ -z "$python" ]]; then
-    if [[ -x .venv/bin/python ]]; then
-        python=.venv/bin/python
-    else
-        python=python3
-    fi
-fi
+source scripts/python.sh  # sets $python
 export PYTHONUNBUFFERED=1
 exec "$python" scripts/gpu_check.py "$@"

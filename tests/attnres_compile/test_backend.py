@@ -144,14 +144,17 @@ def test_compiling_is_said_in_the_log(caplog):
     model, args, _ = tiny_gpt()  # 2 blocks: 4 residual steps, 5 reads
     with caplog.at_level(logging.INFO, logger="attnres_compile"):
         torch.compile(model, backend="attnres")(*args)
-    assert re.search(r"compiling a graph of \d+ nodes with 5 Block AttnRes reads \(Inductor\)", caplog.text)
+    assert re.search(
+        r"compiling a graph of \d+ nodes with 5 Block AttnRes reads \(Inductor; reads without a Triton kernel: extern\)",
+        caplog.text,
+    )
     assert re.search(r"compiled in \d+\.\d s", caplog.text)
 
 
-def test_the_compile_caches_key_on_our_ops_sources(monkeypatch):
-    """Inductor's graph caches key on the graph, not on our ops' bodies: the backend adds their hash."""
+@pytest.fixture
+def cache_key_tags(monkeypatch) -> list:
+    """The ``cache_key_tag`` in force at each ``compile_fx`` call the backend makes."""
     import torch._inductor.compile_fx as inductor
-    from attnres_compile.kernels import ops
 
     tags = []
     compile_fx = inductor.compile_fx
@@ -161,20 +164,39 @@ def test_the_compile_caches_key_on_our_ops_sources(monkeypatch):
         return compile_fx(gm, example_inputs, *args, **kwargs)
 
     monkeypatch.setattr(inductor, "compile_fx", recording)
+    return tags
+
+
+def test_the_compile_caches_key_on_our_ops_sources(cache_key_tags):
+    """Inductor's graph caches key on the graph, not on our ops' bodies: the backend adds their hash."""
+    from attnres_compile.kernels import ops
+
     model, args, _ = tiny_gpt()
     torch.compile(model, backend="attnres")(*args)
-    assert tags == [f"attnres-ops-{ops.implementation_fingerprint()}-{ops.choices_key()}"]
-    assert "reference_reads=extern" in tags[0] and "merge=triton" in tags[0]
+    assert cache_key_tags == [f"attnres-ops-{ops.implementation_fingerprint()}-merge=triton,reference_reads=extern"]
     assert torch.compiler.config.cache_key_tag == ""  # only while our graph compiles
 
 
-def test_traced_reference_reads_compile_the_same_model(monkeypatch):
-    """ATTNRES_REFERENCE_READS=traced hands the reads' math to Inductor instead of extern calls: same numbers."""
+@pytest.mark.parametrize(
+    "env, grad, expected",
+    [(None, True, "extern"), (None, False, "traced"), ("extern", False, "extern"), ("traced", True, "traced")],
+)
+def test_reads_without_triton_kernel_are_extern_for_training_and_traced_for_inference(
+    cache_key_tags, monkeypatch, env, grad, expected
+):
+    """ATTNRES_REFERENCE_READS=auto (default): a graph with a backward gets extern reads (compile time flat in
+    depth), an inference graph traced ones (step latency); a set value applies to both; same numbers."""
+    if env is not None:
+        monkeypatch.setenv("ATTNRES_REFERENCE_READS", env)
     model, args, _ = tiny_gpt()
     attnres_compile.prepare(model, args)
     set_random_queries(model)
-    want = torch.compile(model, backend=AttnResBackend())(*args)
+    with torch.no_grad():
+        want = AttnResBackend(inductor=False)
+        want = torch.compile(model, backend=want)(*args)
     torch._dynamo.reset()
-    monkeypatch.setenv("ATTNRES_REFERENCE_READS", "traced")
-    got = torch.compile(model, backend=AttnResBackend())(*args)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    cache_key_tags.clear()
+    with torch.set_grad_enabled(grad):
+        got = torch.compile(model, backend="attnres")(*args)
+    assert len(cache_key_tags) == 1 and cache_key_tags[0].endswith(f"reference_reads={expected}")
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
