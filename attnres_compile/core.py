@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -32,9 +32,10 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .config import AttnResConfig
+from .passes.checkpoint import closed_checkpointed_regions, open_checkpointed_regions
 from .passes.graph import copy_graph, parameter_nodes, tensor_value, value_device
 from .passes.pipeline import apply_plan, clean_graph, graph_to_plan, plan_graph
-from .passes.plan import Plan, layout_difference
+from .passes.plan import Plan, SkippedSite, layout_difference
 from .queries import QUERY_PREFIX, QueryBinding, enclosing_prepared_model, query_shape_error, read_query_marker, strip_query_marker
 from .tracing import graph_break_reason
 
@@ -132,8 +133,9 @@ def run_pipeline(
     binding = read_query_marker(gm)
     strip_query_marker(gm)
     config = binding.config if binding is not None else (config or AttnResConfig())
+    opened = open_checkpointed_regions(gm)  # always: the inlined graph recomputes what the regions did
     graph = graph_to_plan(gm.graph)
-    plan = plan_graph(graph, parameter_nodes(gm, graph_inputs, graph), **config.plan_options)
+    plan = _with_checkpoint_notes(plan_graph(graph, parameter_nodes(gm, graph_inputs, graph), **config.plan_options), gm, opened)
     result = PipelineResult(plan, config, binding, graph_break=graph_break_reason(gm))
     if keep_before:
         result.before = fx.GraphModule(gm, copy_graph(gm.graph))
@@ -146,6 +148,13 @@ def run_pipeline(
     apply_plan(gm, plan, queries, config.scale)
     gm.meta[PLAN_KEY] = plan
     return result
+
+
+def _with_checkpoint_notes(plan: Plan, gm: fx.GraphModule, opened: int) -> Plan:
+    """``plan`` with the activation-checkpointed regions said: how many were opened, which stay closed and why."""
+    closed = tuple(SkippedSite(name, reason) for name, reason in closed_checkpointed_regions(gm))
+    notes = (f"opened {opened} activation-checkpointed region(s): their nodes keep their recompute tags",) if opened else ()
+    return replace(plan, skipped=plan.skipped + closed, notes=plan.notes + notes)
 
 
 def _refusal(result: PipelineResult, say: bool) -> Optional[str]:

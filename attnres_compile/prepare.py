@@ -49,10 +49,14 @@ def _stack_plan(model: nn.Module, traced: list[tuple[Plan, Optional[str]]]) -> O
         return None
     if not with_streams:
         notes = "\n".join(plan.summary() for plan, _ in traced)
+        if any(plan.skipped for plan, _ in traced):
+            why = "the places it left alone, and why"
+        else:
+            why = ("no add x + f(x) whose branch reads x through a norm and has a weight; post-norm models "
+                   "such as BERT normalize after the add")
         log.warning(
-            "attnres: %s has no residual stream a Block AttnRes rewrite can read (no add x + f(x) whose "
-            "branch reads x through a norm and has a weight; post-norm models such as BERT normalize "
-            "after the add). Model left untouched.\n%s", name, notes,
+            "attnres: %s has no residual stream a Block AttnRes rewrite can read (%s). Model left untouched.\n%s",
+            name, why, notes,
         )
         return None
     breaks = [broken for _, broken in traced if broken]

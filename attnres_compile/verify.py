@@ -190,11 +190,15 @@ def verify(
     example_kwargs: Optional[dict[str, Any]] = None,
     rtol: float = 1e-5,
     seed: int = 0,
+    training: bool = False,
 ) -> VerifyReport:
     """Check the rewrite's numerics on ``example_inputs``; see the module docstring.
 
     An unprepared model is checked on a prepared deep copy. The model runs in
-    eval mode (dropout off) during the checks; its queries and mode are restored.
+    eval mode (dropout off) during the checks, or in train mode with
+    ``training=True``, for a forward that changes with the mode (Hugging Face's
+    gradient checkpointing; its dropout must be 0 for the runs to compare);
+    its queries and mode are restored.
     Returns a :class:`VerifyReport`; ``report.ok`` is the verdict, ``str(report)``
     the table of max abs / max rel errors per output and gradient group.
     """
@@ -206,7 +210,7 @@ def verify(
             report.notes.append("FAIL: the model has no residual stream to rewrite (see the log)")
             return report
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         _verify_prepared(model, model.attnres.queries, example_inputs, kwargs, rtol, seed, report)
     finally:

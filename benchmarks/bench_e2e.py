@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import attnres_compile
+from attnres_compile import memory
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -279,22 +280,15 @@ def step_extra_bytes(fn: Callable, device: str) -> int:
 
 
 def saved_for_backward_bytes(arm: TrainArm, x: torch.Tensor, args) -> int:
-    """Bytes of the tensors one training step's forward keeps for its backward (each storage view once).
+    """Bytes of the tensors one training step's forward keeps for its backward (``attnres_compile.memory``)."""
 
-    Counted by ``torch.autograd.graph.saved_tensors_hooks`` around the compiled forward; the backward
-    then runs and frees them.
-    """
-    saved: dict[tuple, int] = {}
+    def forward() -> torch.Tensor:
+        with autocast_context(args):
+            return arm.compiled(x)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(args):
-        logits = arm.compiled(x)
-    logits.float().square().mean().backward()
+    saved = memory.saved_for_backward_bytes(forward)
     arm.optimizer.zero_grad(set_to_none=True)
-    return sum(saved.values())
+    return saved
 
 
 def peak_step_bytes(arm: TrainArm, step: Callable, device: str) -> int:

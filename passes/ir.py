@@ -166,6 +166,9 @@ def is_plain_add(node: fx.Node) -> bool:
 
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow}
+# Trailing-underscore methods that change a tensor's autograd flags, not its values (Hugging Face calls
+# ``inputs_embeds.requires_grad_()`` under gradient checkpointing).
+_FLAG_METHODS = {"requires_grad_"}
 
 
 def mutated_operand(node: fx.Node) -> Optional[fx.Node]:
@@ -175,7 +178,8 @@ def mutated_operand(node: fx.Node) -> Optional[fx.Node]:
         return None  # a SymInt ``n += 1`` mutates nothing
     if node.op == "call_method":
         name = str(node.target)
-        return first if name.endswith("_") and not name.startswith("_") else None
+        writes = name.endswith("_") and not name.startswith("_") and name not in _FLAG_METHODS
+        return first if writes else None
     if node.op != "call_function":
         return None
     if node.target in _INPLACE_FUNCTIONS:

@@ -1,5 +1,6 @@
 """README's two commands are the contract, and .ci/run runs exactly them."""
 
+import os
 import pathlib
 import re
 import shlex
@@ -61,3 +62,13 @@ def test_readme_generation_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "generated 32" in done.stdout
     assert (tmp_path / "ckpt" / "config.json").exists()
+
+
+def test_readme_checkpoint_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    (code,) = re.findall(r"<!-- checkpoint example -->\n```python\n(.+?)\n```", readme, flags=re.S)
+    code += "\nassert model.attnres.queries[0].grad.abs().sum() > 0\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "examples")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tensor(" in done.stdout

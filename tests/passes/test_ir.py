@@ -10,7 +10,15 @@ from torch import nn
 
 import attnres_compile  # noqa: F401  (registers torch.ops.attnres.*)
 from attnres_compile.passes.graph import tensor_value, topo_index
-from attnres_compile.passes.ir import canonical_op, data_inputs, is_plain_add, norm_eps, op_arguments, scalar_args
+from attnres_compile.passes.ir import (
+    canonical_op,
+    data_inputs,
+    is_plain_add,
+    mutated_operand,
+    norm_eps,
+    op_arguments,
+    scalar_args,
+)
 
 aten = torch.ops.aten
 
@@ -240,3 +248,23 @@ def test_op_arguments_names_the_arguments_by_the_schema():
     o, lse, query = graph.placeholder("o"), graph.placeholder("lse"), graph.placeholder("query")
     merge = graph.call_function(torch.ops.attnres.merge.default, (o, lse, None, query), {"eps": 1e-6, "scale": 2.0})
     assert op_arguments(merge) == {"o": o, "lse": lse, "partial": None, "query": query, "eps": 1e-6, "scale": 2.0}
+
+
+# ---------------------------------------------------------------- mutated_operand
+
+
+@pytest.mark.parametrize(
+    "op, target, args, writes",
+    [
+        ("call_method", "add_", ("x", "y"), True),
+        ("call_function", operator.iadd, ("x", "y"), True),
+        ("call_function", aten.mul_.Tensor, ("x", "y"), True),
+        ("call_method", "add", ("x", "y"), False),
+        # autograd flags, not values: Hugging Face's inputs_embeds.requires_grad_() under gradient checkpointing
+        ("call_method", "requires_grad_", ("x",), False),
+    ],
+)
+def test_mutated_operand_is_a_write_to_values_only(op, target, args, writes):
+    node, x, _ = _graph_with(op, target, *args)
+    x.meta["val"] = torch.zeros(2)
+    assert mutated_operand(node) is (x if writes else None)
