@@ -100,6 +100,7 @@ def test_a_selectively_checkpointed_stack_is_left_plain_with_the_reason(caplog):
     assert "selectively checkpointed region" in caplog.text and "post-norm" not in caplog.text
 
 
+@pytest.mark.slow  # four training compiles; benchmarks/bench_checkpoint.py measures the same at 6 x 256
 def test_checkpointing_saves_as_much_for_the_rewrite_as_for_the_plain_model():
     """Saved-for-backward bytes with AC / without, attnres <= 1.25 x the plain model's + 0.05 (issue contract)."""
     base, _ = _gpt_with_checkpointed_blocks("checkpoint", d_model=64, seq=32)
