@@ -329,12 +329,15 @@ def _reference_read(sources: list[Tensor], query: Tensor, eps: float, scale: flo
     return reference.read_forward(sources, query, eps, scale)
 
 
-@torch.library.custom_op("attnres::reference_read_backward", mutates_args=())
-def _reference_read_backward(
+def _flat_read_backward(
     grad: Tensor, sources: list[Tensor], query: Tensor, eps: float, scale: float
 ) -> list[Tensor]:
+    """:func:`reference.read_backward` as the op returns it: ``[*grad_sources, grad_query]``."""
     grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
     return [*grad_sources, grad_query]
+
+
+_reference_read_backward = torch.library.custom_op("attnres::reference_read_backward", _flat_read_backward, mutates_args=())
 
 
 @torch.library.custom_op("attnres::reference_block_read", mutates_args=())
@@ -342,12 +345,17 @@ def _reference_block_read(sources: list[Tensor], queries: Tensor, eps: float) ->
     return reference.block_read_forward(sources, queries, eps)
 
 
-@torch.library.custom_op("attnres::reference_block_read_backward", mutates_args=())
-def _reference_block_read_backward(
+def _flat_block_read_backward(
     grad_o: Tensor, grad_lse: Tensor, sources: list[Tensor], queries: Tensor, eps: float
 ) -> list[Tensor]:
+    """:func:`reference.block_read_backward` as the op returns it: ``[*grad_sources, grad_queries]``."""
     grad_sources, grad_queries = reference.block_read_backward(grad_o, grad_lse, sources, queries, eps)
     return [*grad_sources, grad_queries]
+
+
+_reference_block_read_backward = torch.library.custom_op(
+    "attnres::reference_block_read_backward", _flat_block_read_backward, mutates_args=()
+)
 
 
 @torch.library.custom_op("attnres::reference_merge", mutates_args=())
@@ -357,12 +365,17 @@ def _reference_merge(
     return reference.merge_forward(o, lse, partial, query, eps, scale)
 
 
-@torch.library.custom_op("attnres::reference_merge_backward", mutates_args=())
-def _reference_merge_backward(
+def _flat_merge_backward(
     grad: Tensor, h: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
 ) -> list[Tensor]:
+    """:func:`reference.merge_backward` as the op returns it: ``[grad_o, grad_lse, (grad_partial,) grad_query]``."""
     grads = reference.merge_backward(grad, h, lse, partial, query, eps, scale)  # grad_partial None without a partial
     return [g for g in grads if g is not None]
+
+
+_reference_merge_backward = torch.library.custom_op(
+    "attnres::reference_merge_backward", _flat_merge_backward, mutates_args=()
+)
 
 
 # Fake implementations: shapes and dtypes only. A compile traces each read several times
@@ -434,8 +447,7 @@ def _read_backward(
         grad_sources, grad_query = _triton_kernels().read.read_backward(grad, sources, query, eps, scale)
         return [*grad_sources, grad_query]
     if reference_reads() == "traced":
-        grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
-        return [*grad_sources, grad_query]
+        return _flat_read_backward(grad, sources, query, eps, scale)
     return torch.ops.attnres.reference_read_backward(grad, sources, query, eps, scale)
 
 
@@ -482,8 +494,7 @@ def _block_read_backward(
         )
         return [*grad_sources, grad_queries]
     if reference_reads() == "traced":
-        grad_sources, grad_queries = reference.block_read_backward(grad_o, grad_lse, sources, queries, eps)
-        return [*grad_sources, grad_queries]
+        return _flat_block_read_backward(grad_o, grad_lse, sources, queries, eps)
     return torch.ops.attnres.reference_block_read_backward(grad_o, grad_lse, sources, queries, eps)
 
 
@@ -542,8 +553,7 @@ def _merge_backward(
     if _use_triton_merge(partial, grad, h, lse, query):
         return list(_triton_kernels().merge.merge_backward(grad, h, lse, partial, query, eps, scale))
     if _traced_merge(partial, grad, h, lse, query):
-        grads = reference.merge_backward(grad, h, lse, partial, query, eps, scale)
-        return [g for g in grads if g is not None]  # grad_partial is None without a partial
+        return _flat_merge_backward(grad, h, lse, partial, query, eps, scale)
     return torch.ops.attnres.reference_merge_backward(grad, h, lse, partial, query, eps, scale)
 
 

@@ -192,8 +192,7 @@ def test_reads_without_triton_kernel_are_extern_for_training_and_traced_for_infe
     attnres_compile.prepare(model, args)
     set_random_queries(model)
     with torch.no_grad():
-        want = AttnResBackend(inductor=False)
-        want = torch.compile(model, backend=want)(*args)
+        want = torch.compile(model, backend=AttnResBackend(inductor=False))(*args)
     torch._dynamo.reset()
     cache_key_tags.clear()
     with torch.set_grad_enabled(grad):
