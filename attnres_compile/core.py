@@ -32,7 +32,12 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .config import AttnResConfig
-from .passes.checkpoint import closed_checkpointed_regions, open_checkpointed_regions
+from .passes.checkpoint import (
+    close_selective_regions,
+    closed_checkpointed_regions,
+    open_checkpointed_regions,
+    selective_regions_opened,
+)
 from .passes.graph import copy_graph, parameter_nodes, tensor_value, value_device
 from .passes.pipeline import apply_plan, clean_graph, graph_to_plan, plan_graph
 from .passes.plan import Plan, SkippedSite, layout_difference
@@ -133,27 +138,41 @@ def run_pipeline(
     binding = read_query_marker(gm)
     strip_query_marker(gm)
     config = binding.config if binding is not None else (config or AttnResConfig())
-    opened = open_checkpointed_regions(gm)  # always: the inlined graph recomputes what the regions did
-    graph = graph_to_plan(gm.graph)
-    plan = _with_checkpoint_notes(plan_graph(graph, parameter_nodes(gm, graph_inputs, graph), **config.plan_options), gm, opened)
-    result = PipelineResult(plan, config, binding, graph_break=graph_break_reason(gm))
-    if keep_before:
-        result.before = fx.GraphModule(gm, copy_graph(gm.graph))
-    result.refused = _refusal(result, say=apply)
-    if result.refused is not None or not apply:
+    # Always: an opened graph recomputes what the regions did. Selective regions are closed again
+    # below, whatever happens, since only a region call carries their policy to AOTAutograd.
+    opened = open_checkpointed_regions(gm)
+    try:
+        graph = graph_to_plan(gm.graph)
+        plan = plan_graph(graph, parameter_nodes(gm, graph_inputs, graph), **config.plan_options)
+        plan = _with_checkpoint_notes(plan, gm, opened)
+        result = PipelineResult(plan, config, binding, graph_break=graph_break_reason(gm))
+        if keep_before:
+            result.before = fx.GraphModule(gm, copy_graph(gm.graph))
+        result.refused = _refusal(result, say=apply)
+        if result.refused is not None or not apply:
+            return result
+        _check_queries(gm, plan, binding, initial_queries, where)
+        clean_graph(gm.graph)  # as the planned graph was
+        queries = _bind_queries(gm, plan, binding, unprepared, initial_queries)
+        apply_plan(gm, plan, queries, config.scale)
+        gm.meta[PLAN_KEY] = plan
         return result
-    _check_queries(gm, plan, binding, initial_queries, where)
-    clean_graph(gm.graph)  # as the planned graph was
-    queries = _bind_queries(gm, plan, binding, unprepared, initial_queries)
-    apply_plan(gm, plan, queries, config.scale)
-    gm.meta[PLAN_KEY] = plan
-    return result
+    finally:
+        close_selective_regions(gm)
 
 
 def _with_checkpoint_notes(plan: Plan, gm: fx.GraphModule, opened: int) -> Plan:
     """``plan`` with the activation-checkpointed regions said: how many were opened, which stay closed and why."""
     closed = tuple(SkippedSite(name, reason) for name, reason in closed_checkpointed_regions(gm))
-    notes = (f"opened {opened} activation-checkpointed region(s): their nodes keep their recompute tags",) if opened else ()
+    selective = selective_regions_opened(gm)
+    notes = ()
+    if opened > selective:
+        notes += (f"opened {opened - selective} activation-checkpointed region(s): their nodes keep their recompute tags",)
+    if selective:
+        notes += (
+            f"opened {selective} selectively checkpointed region(s): what remains of them after the rewrite "
+            "runs in checkpointed regions again, with their policy (context_fn)",
+        )
     return replace(plan, skipped=plan.skipped + closed, notes=plan.notes + notes)
 
 
@@ -165,8 +184,9 @@ def _refusal(result: PipelineResult, say: bool) -> Optional[str]:
             # prepare() found the stack in this forward's graph: now it is elsewhere.
             log.error(
                 "attnres: the forward of a model prepared for Block AttnRes traced to a graph without its "
-                "residual stream (%s); the layer stack must stay in one graph. It runs unchanged (plain residuals)",
-                result.graph_break or "no graph break recorded",
+                "residual stream (%s); the layer stack must stay in one graph, as it was when prepare() traced "
+                "it. It runs unchanged (plain residuals)",
+                result.graph_break or _places_left_alone(plan),
             )
         return NO_STREAM
     if result.graph_break is not None:
@@ -182,6 +202,15 @@ def _refusal(result: PipelineResult, say: bool) -> Optional[str]:
             log.error("attnres: %s", reason)
         return reason
     return None
+
+
+def _places_left_alone(plan: Plan, most: int = 3) -> str:
+    """The first places the detector looked at and left alone, with why: what a lost stream looks like."""
+    if not plan.skipped:
+        return "no graph break recorded, and no add x + f(x) in this graph"
+    said = "; ".join(f"{site.node}: {site.reason}" for site in plan.skipped[:most])
+    more = len(plan.skipped) - most
+    return said + (f"; and {more} more (attnres_compile.inspect_model lists them)" if more > 0 else "")
 
 
 def _fragment_of_prepared_model(owner: nn.Module) -> str:

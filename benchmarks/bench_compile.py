@@ -26,6 +26,7 @@ kernels were compiled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,9 +36,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("plain", "attnres")
+INHERIT = "inherit"
+"""``--cache-dir inherit``: the Inductor cache directory of the environment (``TORCHINDUCTOR_CACHE_DIR`` or torch's default)."""
 
 
 # ---------------------------------------------------------------- the child: one arm, one depth, one process
@@ -78,6 +82,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     import attnres_compile
     from tiny_gpt import GPTConfig, TinyGPT
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     torch.set_num_threads(args.threads) if args.threads else None
     torch.manual_seed(0)
@@ -126,16 +131,24 @@ def run_child(args: argparse.Namespace) -> dict:
         "aot_s": backend_call - store.get("pipeline", 0.0) - inductor_fw,
         "inductor_s": inductor,
         "compiler_s": _metric("compile_file") + _metric("CompiledKernel.__init__"),
-        "kernels": _count_kernels(os.environ["TORCHINDUCTOR_CACHE_DIR"]),
+        "kernels": _count_kernels(cache_dir()),
     }
 
 
 # ---------------------------------------------------------------- the parent: fresh processes, the table
 
 
+def _cache_directory(arm: str, layers: int, given: Optional[str]):
+    """An empty, temporary Inductor cache directory for one arm; or ``given``, kept as it is."""
+    if given:
+        return contextlib.nullcontext(given)
+    return tempfile.TemporaryDirectory(prefix=f"inductor_{arm}_{layers}_")
+
+
 def _child(arm: str, layers: int, cache_dir: str, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
-           "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    env = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    if cache_dir != INHERIT:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     command = [sys.executable, __file__, "--child", arm, "--layers", str(layers), "--d-model", str(args.d_model),
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--device", args.device]
     if args.threads:
@@ -154,7 +167,7 @@ def measure(layers: int, args: argparse.Namespace) -> dict[str, dict[str, dict]]
     """
     results: dict[str, dict[str, dict]] = {}
     for arm in ARMS:
-        with tempfile.TemporaryDirectory(prefix=f"inductor_{arm}_{layers}_") as cache_dir:
+        with _cache_directory(arm, layers, args.cache_dir) as cache_dir:
             cold = _child(arm, layers, cache_dir, args)
             warm = cold if args.cold_only else _child(arm, layers, cache_dir, args)
         results[arm] = {"cold": cold, "warm": warm}
@@ -230,6 +243,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--breakdown", action="store_true", help="also the table of where the cold compile went")
     parser.add_argument("--cold-only", action="store_true", help="skip the warm process (a quick look, or a smoke run)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per process")
+    parser.add_argument("--cache-dir", help="an Inductor cache directory to use, and keep, instead of an empty one "
+                        f"({INHERIT!r}: the environment's): 'cold' then times a start on whatever it holds (a smoke "
+                        "run's shortcut, not a measurement)")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
     parser.add_argument("--child", choices=ARMS, dest="arm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

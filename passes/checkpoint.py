@@ -19,10 +19,18 @@ partitioner keeps what their backward needs, like the inputs of a checkpointed
 region (see README, "Training recipes").
 
 A region with a selective policy (``context_fn``, stored by Dynamo in the
-body's ``meta["_checkpoint_context_fn"]``) stays closed: its policy chooses op
-by op among the aten ops AOTAutograd has yet to trace, which this graph does
-not hold, so inlining it would silently turn it into full recompute.
-:func:`closed_checkpointed_regions` names such regions, for the plan.
+body's ``meta["_checkpoint_context_fn"]``; e.g.
+``create_selective_checkpoint_contexts(policy)``) cannot be tagged here: its
+policy chooses op by op among the aten ops AOTAutograd has yet to trace. Its
+nodes are inlined with the region's id in ``meta["attnres_selective_region"]``
+instead, so the detector sees its residual adds, and
+:func:`close_selective_regions` closes them again after the rewrite: the
+region's nodes that remain (the layers' branches; the rewrite replaced its
+residual adds) become new ``tag_activation_checkpoint`` calls whose bodies
+carry the same ``context_fn``, one per convex piece (a read between two
+branches of a block is outside both, so one block gives one region per
+branch). AOTAutograd then applies the policy to every aten op of those
+bodies, exactly as it would have in the original region.
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ import torch.fx as fx
 
 CHECKPOINT_OP = torch.ops.higher_order.tag_activation_checkpoint
 _POLICY_KEY = "_checkpoint_context_fn"
+SELECTIVE_KEY = "attnres_selective_region"
+"""Node meta: the id of the selectively checkpointed region the node was inlined from."""
+_SELECTIVE_REGIONS_KEY = "attnres_selective_regions"
+"""GraphModule meta: ``{region id: (context_fn, the region call's kwargs)}``."""
+_BODY_PREFIX = "attnres_selective_body_"
 
 
 def _is_region(node: fx.Node) -> bool:
@@ -42,21 +55,14 @@ def _is_region(node: fx.Node) -> bool:
 
 
 def _body(gm: fx.GraphModule, region: fx.Node) -> fx.GraphModule:
-    attr = region.args[0]
-    if not isinstance(attr, fx.Node) or attr.op != "get_attr":
-        raise ValueError(f"{region.name}: the body of a tag_activation_checkpoint is not a get_attr")
-    return getattr(gm, attr.target)
+    return getattr(gm, region.args[0].target)
 
 
 def why_closed(gm: fx.GraphModule, region: fx.Node) -> Optional[str]:
     """Why ``region`` cannot be inlined, or None if it can."""
-    body = _body(gm, region)
-    if _POLICY_KEY in body.meta:
-        return (
-            "a selectively checkpointed region (checkpoint with context_fn): its policy picks op by op "
-            "among aten ops that this graph does not hold yet, so the pass cannot open it without turning it "
-            "into full recompute. Checkpoint without context_fn (full AC), or leave the blocks unwrapped"
-        )
+    attr = region.args[0]
+    if not isinstance(attr, fx.Node) or attr.op != "get_attr":
+        return "a checkpointed region whose body is not a submodule of the graph"
     return None
 
 
@@ -72,12 +78,22 @@ def _new_region_id() -> int:
     return next(wrap.uid)
 
 
-def _inline(gm: fx.GraphModule, region: fx.Node) -> None:
-    """Replace ``region`` by its body's nodes, each tagged for recompute; its ``getitem``s by the outputs."""
+def _region_tags(gm: fx.GraphModule, region: fx.Node) -> dict[str, Any]:
+    """The meta every node inlined from ``region`` gets: a recompute tag, or for a selective region its id."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    graph, body = gm.graph, _body(gm, region)
     region_id = _new_region_id()
+    context_fn = _body(gm, region).meta.get(_POLICY_KEY)
+    if context_fn is None:
+        return {"recompute": CheckpointPolicy.PREFER_RECOMPUTE, "ac_graph_id": region_id}
+    gm.meta.setdefault(_SELECTIVE_REGIONS_KEY, {})[region_id] = (context_fn, dict(region.kwargs))
+    return {SELECTIVE_KEY: region_id}
+
+
+def _inline(gm: fx.GraphModule, region: fx.Node) -> None:
+    """Replace ``region`` by its body's nodes, each tagged (:func:`_region_tags`); its ``getitem``s by the outputs."""
+    graph, body = gm.graph, _body(gm, region)
+    tags = _region_tags(gm, region)
     operands = list(region.args[1:])
     env: dict[fx.Node, Any] = {}
     outputs: Any = None
@@ -95,8 +111,7 @@ def _inline(gm: fx.GraphModule, region: fx.Node) -> None:
                 env[node].meta = dict(node.meta)
             else:
                 copy = graph.node_copy(node, env.__getitem__)
-                copy.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-                copy.meta["ac_graph_id"] = region_id
+                copy.meta.update(tags)
                 env[node] = copy
     for user in list(region.users):
         if user.op == "call_function" and user.target is operator.getitem:
@@ -113,7 +128,11 @@ def _inline(gm: fx.GraphModule, region: fx.Node) -> None:
 
 
 def open_checkpointed_regions(gm: fx.GraphModule) -> int:
-    """Inline every checkpointed region of ``gm`` that can be opened (nested ones too); returns how many."""
+    """Inline every checkpointed region of ``gm`` that can be opened (nested ones too); returns how many.
+
+    Selective regions among them must be closed again (:func:`close_selective_regions`) before the
+    graph runs.
+    """
     opened = 0
     while regions := [n for n in gm.graph.nodes if _is_region(n) and why_closed(gm, n) is None]:
         for region in regions:
@@ -122,3 +141,93 @@ def open_checkpointed_regions(gm: fx.GraphModule) -> int:
     if opened:
         gm.recompile()
     return opened
+
+
+def selective_regions_opened(gm: fx.GraphModule) -> int:
+    """How many selectively checkpointed regions :func:`open_checkpointed_regions` opened in ``gm``."""
+    return len(gm.meta.get(_SELECTIVE_REGIONS_KEY, {}))
+
+
+def _convex_pieces(gm: fx.GraphModule, region_id: int) -> list[list[fx.Node]]:
+    """The live nodes inlined from one selective region, cut into convex pieces (topological order each).
+
+    A piece is convex when no path leaves it and comes back: the rewrite's reads sit between a
+    block's branches, so the branches of one region become separate pieces.
+    """
+    from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+    from torch.fx.passes.operator_support import create_op_support
+    from torch.fx.passes.utils.fuser_utils import topo_sort
+
+    support = create_op_support(lambda _modules, node: node.meta.get(SELECTIVE_KEY) == region_id)
+    partitioner = CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True)
+    return [topo_sort(list(p.nodes)) for p in partitioner.propose_partitions()]
+
+
+def _as_region_call(gm: fx.GraphModule, call: fx.Node, context_fn: Any, kwargs: dict) -> None:
+    """Turn ``call`` (``call_module`` of a fused body) into ``tag_activation_checkpoint(body, *args)``."""
+    body = gm.get_submodule(call.target)
+    body.meta[_POLICY_KEY] = context_fn
+    with gm.graph.inserting_before(call):
+        region = gm.graph.call_function(CHECKPOINT_OP, (gm.graph.get_attr(call.target), *call.args), dict(kwargs))
+    region.meta = dict(call.meta)
+    call.replace_all_uses_with(region)
+    gm.graph.erase_node(call)
+
+
+def _sort_in_place(graph: fx.Graph) -> None:
+    """Order ``graph`` topologically, keeping the present order where data allows, moving nodes in place.
+
+    (``torch.fx.passes.tools_common.stable_topological_sort`` builds new nodes, which loses the
+    attributes Dynamo sets on placeholders.)
+    """
+    import heapq
+
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    waiting = {node: len(node.all_input_nodes) for node in graph.nodes}
+    ready = [(position[n], n.name, n) for n, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    previous = None
+    while ready:
+        _, _, node = heapq.heappop(ready)
+        if previous is not None:
+            previous.append(node)
+        previous = node
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (position[user], user.name, user))
+
+
+def _fuse(gm: fx.GraphModule, piece: list[fx.Node], name: str) -> fx.Node:
+    """Move ``piece`` (convex, topological) into a submodule ``name``; returns its ``call_module``."""
+    from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule, insert_subgm
+
+    body, inputs, outputs = fuse_as_graphmodule(gm, piece, name, dict.fromkeys(piece), always_return_tuple=True)
+    insert_subgm(gm, body, inputs, outputs, piece[-1])
+    call = piece[-1].next
+    erase_nodes(gm, piece)
+    return call
+
+
+def close_selective_regions(gm: fx.GraphModule) -> int:
+    """Wrap what remains of each opened selective region back into checkpoint calls with its policy.
+
+    Returns the number of regions formed. Nodes of a region that nothing uses any more (the
+    residual adds the rewrite replaced) are dropped first.
+    """
+    regions = gm.meta.pop(_SELECTIVE_REGIONS_KEY, {})
+    if not regions:
+        return 0
+    gm.graph.eliminate_dead_code()
+    formed = 0
+    for region_id, (context_fn, kwargs) in regions.items():
+        for piece in _convex_pieces(gm, region_id):
+            call = _fuse(gm, piece, f"{_BODY_PREFIX}{formed}")
+            _as_region_call(gm, call, context_fn, kwargs)
+            formed += 1
+    _sort_in_place(gm.graph)  # a piece's call sits after its last node: users in between move down
+    for node in gm.graph.nodes:
+        node.meta.pop(SELECTIVE_KEY, None)
+    gm.graph.lint()
+    gm.recompile()
+    return formed

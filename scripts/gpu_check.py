@@ -26,7 +26,8 @@ so that a crash or a hang costs that stage only; the whole run also stops at
 - ``read``: ``benchmarks/bench_read.py`` at the headline shape (T 16384, d 2048,
   N 9, S 6, bf16), with the anchors that are importable. Smoke: ``--smoke``.
 - ``e2e``: ``benchmarks/bench_e2e.py --overhead`` at 24 x 1024. Smoke: 1 x 32.
-- ``compile``: ``benchmarks/bench_compile.py`` at 24 layers (smoke: 1 layer, one step, cold only), skipped
+- ``compile``: ``benchmarks/bench_compile.py`` at 24 layers (smoke: 1 layer, one step, cold only, on the
+  environment's Inductor cache), skipped
   while that file does not exist.
 
 Results folder, at most 7 files and no sub-folder (what a device machine
@@ -862,8 +863,9 @@ def compile_stage(ctx: Context) -> Stage:
         return Stage("compile", skip_reason="benchmarks/bench_compile.py missing")
     command = [ctx.python, "benchmarks/bench_compile.py"]
     if ctx.smoke:
+        # The caller's Inductor cache, not an empty one per arm: only the table's plumbing is looked at.
         command += ["--layers", "1", "--d-model", "32", "--batch", "2", "--seq", "16", "--steps", "1", "--cold-only",
-                    "--device", "cpu"]
+                    "--device", "cpu", "--cache-dir", "inherit"]
     else:
         command += ["--layers", "24", "--d-model", "128", "--device", "cuda"]
     command += ["--out", str(table)]

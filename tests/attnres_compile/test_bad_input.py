@@ -200,3 +200,18 @@ def test_graph_breaks_at_every_block_after_prepare_rewrite_nothing_and_say_why(c
     assert "shard only the root module" in caplog.text
     assert "traced to a graph without its residual stream" in caplog.text
     torch.testing.assert_close(out, type(model).forward(model, *args))  # zero queries: the plain model
+
+
+def test_a_prepared_model_that_lost_its_stream_names_the_places_left_alone(caplog):
+    """No graph break, yet no stream (its norms were swapped out after prepare): the log names each site and why."""
+    model, args, _ = tiny_gpt()
+    attnres_compile.prepare(model, args)
+    for block in model.blocks:
+        block.ln_1 = block.ln_2 = torch.nn.Identity()
+    backend = AttnResBackend(inductor=False)
+    with caplog.at_level(logging.ERROR, logger="attnres_compile"), torch.no_grad():
+        torch.compile(model, backend=backend)(*args)
+    assert not backend.plans
+    assert "traced to a graph without its residual stream" in caplog.text
+    assert "no graph break recorded" not in caplog.text
+    assert "with no normalization on the way in" in caplog.text

@@ -1,4 +1,4 @@
-"""verify(): zero-init identity and compiled-vs-reference numerics on real model definitions."""
+"""verify() itself: it can fail, it restores the model, it measures as documented (tests/test_zoo.py runs it on every family)."""
 
 import pytest
 import torch
@@ -6,19 +6,6 @@ import torch
 import attnres_compile
 from attnres_compile import AttnResConfig
 from zoo import CAUSAL_LMS
-
-
-@pytest.mark.parametrize("name", sorted(CAUSAL_LMS))
-def test_verify_passes_at_fp32_tolerance(name):
-    model, args, kwargs = CAUSAL_LMS[name]()
-    report = attnres_compile.verify(model, args, AttnResConfig(num_blocks=2), example_kwargs=kwargs, rtol=1e-5)
-    print(report)
-    assert report.ok, str(report)
-    checks = {c.check for c in report.comparisons}
-    assert len(checks) == 2  # zero-init identity and random-query check both ran
-    grads = [c for c in report.comparisons if c.name.startswith("grad")]
-    assert any("attnres" in c.name for c in grads), "query gradients must be compared in the random-query check"
-    assert report.worst(sorted(checks)[0]) <= 1e-5
 
 
 def test_verify_detects_a_wrong_rewrite(monkeypatch):

@@ -9,7 +9,14 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from attnres_compile.passes.checkpoint import CHECKPOINT_OP, closed_checkpointed_regions, open_checkpointed_regions
+from attnres_compile.passes.checkpoint import (
+    _POLICY_KEY as POLICY_KEY,
+    CHECKPOINT_OP,
+    SELECTIVE_KEY,
+    close_selective_regions,
+    open_checkpointed_regions,
+    selective_regions_opened,
+)
 
 
 class TwoCheckpointedBlocks(torch.nn.Module):
@@ -30,17 +37,21 @@ class TwoCheckpointedBlocks(torch.nn.Module):
         return x
 
 
-def _dynamo_graph(model, x) -> fx.GraphModule:
+def _dynamo_graph_and_inputs(model, x) -> tuple[fx.GraphModule, list]:
     graphs = []
 
     def capture(gm, example_inputs):
-        graphs.append(gm)
+        graphs.append((gm, example_inputs))
         return gm.forward
 
     torch._dynamo.reset()
     torch.compile(model, backend=capture)(x)
-    (gm,) = graphs
-    return gm
+    (found,) = graphs
+    return found
+
+
+def _dynamo_graph(model, x) -> fx.GraphModule:
+    return _dynamo_graph_and_inputs(model, x)[0]
 
 
 def _regions(gm):
@@ -85,9 +96,49 @@ def test_an_opened_graph_computes_what_the_regions_did_forward_and_backward():
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-def test_a_selective_region_stays_closed_and_says_why():
-    policy = functools.partial(create_selective_checkpoint_contexts, lambda ctx, op, *a, **k: CheckpointPolicy.MUST_SAVE)
-    gm = _dynamo_graph(TwoCheckpointedBlocks(context_fn=policy), torch.randn(2, 3, 8, requires_grad=True))
-    assert open_checkpointed_regions(gm) == 0
-    closed = closed_checkpointed_regions(gm)
-    assert len(closed) == 2 and all("context_fn" in why and "full AC" in why for _, why in closed)
+def _save_everything(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE
+
+
+def test_a_selective_region_is_opened_untagged_and_closed_again_with_its_policy():
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _save_everything)
+    model, x = TwoCheckpointedBlocks(context_fn=context_fn), torch.randn(2, 3, 8, requires_grad=True)
+    gm, inputs = _dynamo_graph_and_inputs(model, x)
+    want = gm(*inputs)
+    policies = [getattr(gm, r.args[0].target).meta[POLICY_KEY] for r in _regions(gm)]  # as Dynamo kept them
+    assert open_checkpointed_regions(gm) == 2 and not _regions(gm)
+    assert selective_regions_opened(gm) == 2
+    inlined = [n for n in gm.graph.nodes if SELECTIVE_KEY in n.meta]
+    assert inlined and not any("recompute" in n.meta for n in gm.graph.nodes)  # the policy decides, later
+    assert close_selective_regions(gm) == 2
+    regions = _regions(gm)
+    assert len(regions) == 2 and [getattr(gm, r.args[0].target).meta[POLICY_KEY] for r in regions] == policies
+    assert all(r.kwargs == {"use_reentrant": False} for r in regions)
+    assert not any(SELECTIVE_KEY in n.meta for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(*inputs), want, rtol=0, atol=0)
+
+
+def test_what_remains_of_a_selective_region_is_closed_in_convex_pieces():
+    """A node outside the region between its two halves (a read, in a rewrite) splits it in two regions."""
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _save_everything)
+    model, x = TwoCheckpointedBlocks(context_fn=context_fn), torch.randn(2, 3, 8, requires_grad=True)
+    model.kwargs["context_fn"] = context_fn
+
+    def both_steps_in_one_region(x):
+        return checkpoint(lambda x: model.step(1, model.step(0, x)), x, **model.kwargs)
+
+    gm, inputs = _dynamo_graph_and_inputs(both_steps_in_one_region, x)
+    want = gm(*inputs)
+    assert open_checkpointed_regions(gm) == 1
+    # Put an untagged op between the steps, as a read would sit: first add -> mul (outside) -> second step.
+    first_add = next(n for n in gm.graph.nodes if n.op == "call_function" and "add" in n.name)
+    with gm.graph.inserting_after(first_add):
+        outside = gm.graph.call_function(torch.mul, (first_add, 1.0))
+    first_add.replace_all_uses_with(outside, delete_user_cb=lambda user: user is not outside)
+    assert close_selective_regions(gm) == 2
+    assert [r.args[0].target for r in _regions(gm)] and outside.op == "call_function"
+    got = gm(*inputs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grads = torch.autograd.grad(got[0].sum(), x)
+    want_grads = torch.autograd.grad(want[0].sum(), x)
+    torch.testing.assert_close(grads, want_grads, rtol=0, atol=0)
