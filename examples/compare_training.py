@@ -67,14 +67,12 @@ QUICK = dict(layers=2, d_model=64, heads=2, seq=32, batch=8, steps=30, seeds=[0,
              eval_every=10, eval_batches=2, corpus_bytes=300_000)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Command-line options; ``--quick`` replaces the defaults that size the run."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, few steps, 2 seeds (a smoke run)")
+def training_options() -> argparse.ArgumentParser:
+    """The options that size a run and set its optimizer (a parent parser, shared with ``paper_claims.py``)."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--layers", type=int, default=6, help="transformer blocks (2 residual steps each)")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--num-blocks", type=int, default=8, help="Block AttnRes blocks (library default)")
     parser.add_argument("--seq", type=int, default=64, help="tokens (bytes) per window")
     parser.add_argument("--batch", type=int, default=16, help="windows per step")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per arm and seed")
@@ -91,6 +89,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("bf16", "none"), default=None,
                         help="autocast of forward and loss (default: bf16 on CUDA, none on CPU)")
+    return parser
+
+
+def default_amp(args: argparse.Namespace) -> None:
+    """``--amp`` left unset: bf16 autocast on CUDA, none elsewhere."""
+    if args.amp is None:
+        args.amp = "bf16" if args.device.startswith("cuda") else "none"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options; ``--quick`` replaces the defaults that size the run."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[training_options()])
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps, 2 seeds (a smoke run)")
+    parser.add_argument("--num-blocks", type=int, default=8, help="Block AttnRes blocks (library default)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                         help="arms to train (one arm alone, e.g. a longer baseline for a compute-equivalence sweep)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output directory")
@@ -98,8 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
-    if args.amp is None:
-        args.amp = "bf16" if args.device.startswith("cuda") else "none"
+    default_amp(args)
     return args
 
 
@@ -129,6 +140,23 @@ class Arm:
         return math.sqrt(sum(float(q.detach().pow(2).sum()) for q in self.queries))
 
 
+def baseline_arm(cfg: GPTConfig, device: str, name: str = "baseline") -> Arm:
+    """The plain model, compiled with the default (Inductor) backend."""
+    model = TinyGPT(cfg).to(device)
+    return Arm(name, model, torch.compile(model))
+
+
+def attnres_arm(cfg: GPTConfig, example: torch.Tensor, config: attnres_compile.AttnResConfig, device: str,
+                name: str = "attnres") -> Arm:
+    """The model prepared for Block AttnRes with ``config`` (zero queries), compiled with ``backend="attnres"``."""
+    model = TinyGPT(cfg).to(device)
+    attnres_compile.prepare(model, (example,), config)
+    if not getattr(model, "attnres", None):
+        raise RuntimeError("prepare found no residual stream in TinyGPT")
+    log.info("Block AttnRes plan of %s:\n%s", name, model.attnres.plan.summary())
+    return Arm(name, model, torch.compile(model, backend="attnres"))
+
+
 def build_arms(cfg: GPTConfig, example: torch.Tensor, args: argparse.Namespace) -> dict[str, Arm]:
     """The chosen arms, each compiled once; :func:`reset_arm` loads a seed's weights into them in place.
 
@@ -137,15 +165,10 @@ def build_arms(cfg: GPTConfig, example: torch.Tensor, args: argparse.Namespace) 
     """
     arms = {}
     if "baseline" in args.arms:
-        baseline = TinyGPT(cfg).to(args.device)
-        arms["baseline"] = Arm("baseline", baseline, torch.compile(baseline))
+        arms["baseline"] = baseline_arm(cfg, args.device)
     if "attnres" in args.arms:
-        attnres = TinyGPT(cfg).to(args.device)
-        attnres_compile.prepare(attnres, (example,), attnres_compile.AttnResConfig(num_blocks=args.num_blocks))
-        if not getattr(attnres, "attnres", None):
-            raise RuntimeError("prepare found no residual stream in TinyGPT")
-        log.info("Block AttnRes plan:\n%s", attnres.attnres.plan.summary())
-        arms["attnres"] = Arm("attnres", attnres, torch.compile(attnres, backend="attnres"))
+        config = attnres_compile.AttnResConfig(num_blocks=args.num_blocks)
+        arms["attnres"] = attnres_arm(cfg, example, config, args.device)
     return arms
 
 
@@ -237,13 +260,26 @@ def validation_batches(val: torch.Tensor, args: argparse.Namespace) -> list[tupl
     return [(x.to(args.device), y.to(args.device)) for x, y in itertools.islice(windows, args.eval_batches)]
 
 
+def seed_batches(train: torch.Tensor, seed: int, args: argparse.Namespace):
+    """The seed's endless stream of training batches (CPU tensors); every arm of the seed sees the same."""
+    return batch_iterator(train, args.batch, args.seq, torch.Generator().manual_seed(seed))
+
+
 def train_seed(arms: dict[str, Arm], cfg: GPTConfig, train: torch.Tensor, val_batches, seed: int,
                args: argparse.Namespace) -> None:
     """Train both arms from the seed's initial weights on the seed's batches, in lockstep."""
-    state = initial_state(cfg, seed)
+    train_lockstep(arms, initial_state(cfg, seed), seed_batches(train, seed, args), val_batches, seed, args)
+
+
+def train_lockstep(arms: dict[str, Arm], state: dict[str, torch.Tensor], batches, val_batches, seed: int,
+                   args: argparse.Namespace) -> None:
+    """Train every arm from ``state`` for ``args.steps`` steps on the next batches of ``batches``, in lockstep.
+
+    Each arm gets a fresh optimizer and schedule (:func:`reset_arm`) and
+    appends one row per step to ``arm.rows``.
+    """
     for arm in arms.values():
         reset_arm(arm, state, args)
-    batches = batch_iterator(train, args.batch, args.seq, torch.Generator().manual_seed(seed))
     tokens_per_step = args.batch * args.seq
     for step, (x, y) in enumerate(itertools.islice(batches, args.steps), start=1):
         x, y = x.to(args.device), y.to(args.device)
