@@ -31,6 +31,27 @@ fresh model with the same :class:`AttnResConfig` and ``load_state_dict``. For a
 ``transformers`` model, :func:`save_pretrained` also records the config in the
 model's ``config.json`` (key ``"attnres"``), and :func:`from_pretrained` brings
 the whole prepared model back in one call.
+
+Training with ``transformers.Trainer``
+--------------------------------------
+Compile in place, as for ``generate``, and leave ``TrainingArguments``'
+``torch_compile`` off::
+
+    attnres_compile.prepare(model, (example_ids,), example_kwargs={"use_cache": False})
+    attnres_compile.hf.compile_for_trainer(model)     # model.compile(backend="attnres") + config.json
+    Trainer(model=model, args=TrainingArguments(...), ...).train()
+
+``TrainingArguments(torch_compile_backend=...)`` reaches ``torch.compile``
+only through ``accelerate``'s ``DynamoBackend`` enum, which takes its own
+list of names (not ``"attnres"``, not a callable), and
+``torch_compile=True`` alone picks Inductor, under which a prepared model
+trains as the plain model with its queries stuck at zero. Nor can the
+wrapper ``torch.compile(model)`` returns be handed over: ``Trainer`` keeps
+only the dataset columns named by the forward signature of the model it is
+given, and the wrapper's is ``(*args, **kwargs)``. A model compiled in place
+stays the ``PreTrainedModel`` itself, so ``Trainer`` neither unwraps nor
+re-wraps it, its state dict keeps its keys (the queries included) and its
+checkpoints load with :func:`from_pretrained`.
 """
 
 from __future__ import annotations
@@ -79,14 +100,61 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
     other weights. Load it back with :func:`from_pretrained`.
     """
     attnres = _prepared_queries(model, "save_pretrained")
-    hf_config = getattr(model, "config", None)
-    if hf_config is None or not hasattr(model, "save_pretrained"):
+    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
         raise TypeError(
             f"save_pretrained: {type(model).__name__} is not a transformers PreTrainedModel; "
             "save model.state_dict() instead (it holds the queries)"
         )
-    setattr(hf_config, CONFIG_KEY, attnres.config.to_dict())
+    record_config(model, attnres.config)
     model.save_pretrained(save_directory, **kwargs)
+
+
+def record_config(model: nn.Module, config: AttnResConfig) -> None:
+    """Write ``config`` into the model's ``transformers`` config (key ``"attnres"``), if it has one.
+
+    Every later ``save_pretrained`` of the model, a ``Trainer`` checkpoint's
+    included, then carries it into ``config.json``, where :func:`from_pretrained`
+    finds it.
+    """
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None:
+        setattr(hf_config, CONFIG_KEY, config.to_dict())
+
+
+def compile_for_trainer(model: nn.Module, backend: Any = "attnres", **compile_kwargs: Any) -> nn.Module:
+    """Compile a prepared model in place so that ``transformers.Trainer`` trains it rewritten.
+
+    Records ``model.attnres.config`` in ``model.config`` (so every checkpoint
+    ``Trainer`` saves loads back with :func:`from_pretrained`, no config given)
+    and calls ``model.compile(backend=backend, **compile_kwargs)``: the model
+    object ``Trainer`` gets is the ``PreTrainedModel`` itself (its forward
+    signature, its state-dict keys), and every call of it, training and
+    evaluation alike, runs the rewrite. Leave ``TrainingArguments``'
+    ``torch_compile`` off. Works the same on a ``peft`` model (whose
+    ``attnres`` and ``config`` are those of the model it wraps).
+
+    Expect two compiles in all, the training graph and, at the first
+    evaluation, the no-grad graph (plus one more each where the batch shape
+    changes, e.g. a short last batch, after which the batch size is dynamic).
+
+    Returns the same ``model``.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` was not prepared, or is the wrapper that ``torch.compile(model)`` returns.
+    """
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "compile_for_trainer: got the wrapper that torch.compile(model) returns; Trainer keeps only the "
+            "dataset columns that the forward signature of its model names, and the wrapper's is (*args, **kwargs), "
+            "so every column would be dropped. Pass the model itself (model._orig_mod here): it is compiled in place"
+        )
+    attnres = _prepared_queries(model, "compile_for_trainer")
+    record_config(model, attnres.config)
+    model.compile(backend=backend, **compile_kwargs)
+    log.info("attnres: %s compiled in place for Trainer with %s", type(model).__name__, attnres)
+    return model
 
 
 def from_pretrained(
@@ -144,7 +212,7 @@ def from_pretrained(
     prepared = prepare(model, example_inputs, config, example_kwargs=example_kwargs)
     attnres = _prepared_queries(prepared, f"from_pretrained({path!r})")
     _copy_queries(attnres, saved, path)
-    setattr(model.config, CONFIG_KEY, config.to_dict())
+    record_config(model, config)
     log.info("attnres: loaded %s from %s with %s", type(model).__name__, path, attnres)
     return prepared
 

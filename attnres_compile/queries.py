@@ -11,6 +11,8 @@ queries, the config and the layout ``prepare`` traced off the node
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import json
 import logging
@@ -21,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import AttnResConfig
 from .passes.plan import Plan, StreamLayout
@@ -57,8 +60,41 @@ def _bind_queries_fake(x: Tensor, queries: list[Tensor], spec: str) -> Tensor:
     return torch.empty_like(x)
 
 
+_PLAIN_RUN_EXPECTED = contextvars.ContextVar("attnres_plain_run_expected", default=False)
+_said_queries_get_no_gradient = False
+
+
+@contextlib.contextmanager
+def plain_run_expected():
+    """Within: a prepared model trained as the plain model is intended (``verify``'s eager original)."""
+    token = _PLAIN_RUN_EXPECTED.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_RUN_EXPECTED.reset(token)
+
+
+def _say_queries_get_no_gradient() -> None:
+    """Once per process: a prepared model records a backward without the rewrite, so its queries cannot train."""
+    global _said_queries_get_no_gradient
+    if _said_queries_get_no_gradient:
+        return
+    _said_queries_get_no_gradient = True
+    log.warning(
+        "attnres: a model prepared for Block AttnRes is training as the plain model (run eagerly, or compiled by "
+        "another backend, e.g. Trainer's torch_compile=True or a plain torch.compile): its attnres queries get no "
+        "gradient and stay zero. Compile it with torch.compile(model, backend='attnres') or "
+        "model.compile(backend='attnres') (attnres_compile.hf.compile_for_trainer for a Hugging Face Trainer)"
+    )
+
+
 def _bind_queries_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.num_queries = len(inputs[1])
+    # Autograd records the marker where the rewrite did not run (the attnres backend strips it from
+    # its graph): an eager forward, or another backend's AOTAutograd trace (functional tensors).
+    # Dynamo's own probe of the op, with fake tensors, happens for every backend: not that.
+    if any(q.requires_grad for q in inputs[1]) and not isinstance(output, FakeTensor) and not _PLAIN_RUN_EXPECTED.get():
+        _say_queries_get_no_gradient()
 
 
 def _bind_queries_backward(ctx: Any, grad: Tensor):

@@ -98,3 +98,33 @@ def test_example_inputs_must_be_a_tuple():
     model, args, _ = tiny_gpt()
     with pytest.raises(TypeError, match="tuple"):
         attnres_compile.prepare(model, args[0])
+
+
+def test_training_a_prepared_model_without_the_rewrite_says_its_queries_get_no_gradient(caplog, monkeypatch):
+    """Eagerly, or under another backend (Trainer's torch_compile=True): zero queries, no gradient, a warning."""
+    import attnres_compile.queries as queries_module
+
+    model, args, _ = tiny_gpt()
+    attnres_compile.prepare(model, args)
+    for backend in ("eager", "aot_eager"):  # aot_eager: another backend that traces the backward
+        monkeypatch.setattr(queries_module, "_said_queries_get_no_gradient", False)
+        caplog.clear()
+        run = model if backend == "eager" else torch.compile(model, backend=backend)
+        with caplog.at_level(logging.WARNING, logger="attnres_compile"):
+            run(*args).square().mean().backward()
+            run(*args).square().mean().backward()
+        assert caplog.text.count("training as the plain model") == 1, (backend, caplog.text)
+        assert model.attnres.queries[0].grad is None
+
+
+def test_verify_and_inference_of_a_prepared_model_say_nothing_about_gradients(caplog, monkeypatch):
+    import attnres_compile.queries as queries_module
+
+    monkeypatch.setattr(queries_module, "_said_queries_get_no_gradient", False)
+    model, args, _ = tiny_gpt()
+    attnres_compile.prepare(model, args)
+    with caplog.at_level(logging.WARNING, logger="attnres_compile"):
+        with torch.no_grad():
+            model(*args)
+        assert attnres_compile.verify(model, args).ok
+    assert "training as the plain model" not in caplog.text
