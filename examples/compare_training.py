@@ -98,6 +98,18 @@ def default_amp(args: argparse.Namespace) -> None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
 
 
+def parse_sized(parser: argparse.ArgumentParser, argv, quick: dict, out: str) -> argparse.Namespace:
+    """Parse ``argv`` (``--out`` defaults to ``out``); with ``--quick`` the options in ``quick``, those
+    that size the run, replace the given ones."""
+    parser.add_argument("--out", default=out, help="output directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, value)
+    default_amp(args)
+    return args
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options; ``--quick`` replaces the defaults that size the run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[training_options()])
@@ -105,13 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-blocks", type=int, default=8, help="Block AttnRes blocks (library default)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                         help="arms to train (one arm alone, e.g. a longer baseline for a compute-equivalence sweep)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
-    default_amp(args)
-    return args
+    return parse_sized(parser, argv, QUICK, DEFAULT_OUT)
 
 
 # ----------------------------------------------------------------------------- the two arms

@@ -65,9 +65,9 @@ from compare_training import (
     Arm,
     attnres_arm,
     baseline_arm,
-    default_amp,
     initial_state,
     mean_std,
+    parse_sized,
     seed_batches,
     train_lockstep,
     training_options,
@@ -106,12 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=256, help="d_model of the second width")
     parser.add_argument("--width-seeds", type=int, nargs="+", default=[0],
                         help="seeds at the second width (compare_training.py has all three at d 256)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
-    default_amp(args)
+    args = parse_sized(parser, argv, QUICK, DEFAULT_OUT)
     if 1.0 not in args.multipliers:
         parser.error("--multipliers must include 1 (the Block AttnRes run's own length)")
     if args.width == args.d_model:

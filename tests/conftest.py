@@ -4,8 +4,14 @@
 sys.path through pytest's ``pythonpath`` setting in pyproject.toml.
 """
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # README's test command runs two workers on a 2-core machine: one thread each, not two.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
