@@ -5,13 +5,26 @@ through the ``torch_dynamo_backends`` entry point; it keeps no state.
 :class:`AttnResBackend` is the same backend with options (a config for
 unprepared models, ``inductor=False`` for the eager rewritten reference) and a
 record of the plans it applied, for its own lifetime.
+
+``torch.compile`` hands a custom backend its ``mode`` and ``options`` as keyword
+arguments (and nothing at all for the default mode); both backends take them and
+pass them on to Inductor exactly as ``torch.compile`` would for
+``backend="inductor"``, so ``mode="max-autotune-no-cudagraphs"`` or
+``options={...}`` tune the rewritten graph instead of failing the compile.
+
+With ``dynamic=True`` Dynamo also passes Python floats as graph inputs, a
+norm's eps among them (``x * rsqrt(mean(x**2) + self.eps)``); the pass reads
+the structure ``x + eps`` and a norm's eps only as constants, so such a graph
+would lose its stream. The backend has Dynamo trace it again with those floats
+as constants (guarded on their values), as Dynamo does itself for a float
+Inductor cannot take as an input (:func:`_specialize_eps_inputs`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -46,12 +59,19 @@ def compile_graph(
     *,
     inductor: bool = True,
     on_rewrite: Optional[Callable[[Plan], None]] = None,
+    mode: Optional[str] = None,
+    options: Optional[dict[str, Any]] = None,
 ) -> Callable:
     """The backend's work on one Dynamo graph: the pipeline, then Inductor (or eager).
 
     A graph the pipeline refuses runs as traced; if it carries a prepared
     model's queries, only while they are zero (never silently plain).
+    ``mode`` and ``options`` are ``torch.compile``'s, for Inductor.
+    ``on_rewrite`` gets the plan once the rewritten graph is compiled: a
+    compile that Dynamo abandons and restarts (with ``dynamic=True`` it
+    restarts once to specialize the model's Python floats) is not reported.
     """
+    _specialize_eps_inputs(gm)
     try:
         result = run_pipeline(gm, example_inputs, config, unprepared=UnpreparedQueries.ZEROS_IN_GRAPH)
     except QueryMismatch as mismatch:
@@ -62,14 +82,77 @@ def compile_graph(
             log.info("attnres: no residual stream in this graph, running it unchanged (eager)\n%s", result.plan.summary())
         return _unrewritten(gm, result.binding)
     log.info("attnres: rewrote graph\n%s", result.plan.summary())
+    if inductor:
+        compiled = _inductor(gm, example_inputs, result.plan, inductor_config_patches(mode, options))
+    else:
+        if mode or options:
+            log.info("attnres: mode=%r, options=%r are Inductor's; the eager reference ignores them", mode, options)
+        compiled = gm.forward
     if on_rewrite is not None:
         on_rewrite(result.plan)
-    if not inductor:
-        return gm.forward
-    return _inductor(gm, example_inputs, result.plan)
+    return compiled
 
 
-def _inductor(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> Callable:
+def _float_inputs_read_as_eps(gm: fx.GraphModule) -> list[str]:
+    """The symbols of the Python floats Dynamo made graph inputs that the graph adds to a value or hands a norm.
+
+    Dynamo passes such a float (only under ``dynamic=True``, or once the float
+    changed between calls) as a 0-d tensor placeholder whose ``.item()`` the
+    graph uses; its example value remembers the symbol.
+    """
+    from .passes.ir import canonical_op
+
+    symbols = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        grapharg, value = node.meta.get("grapharg"), node.meta.get("example_value")
+        memo = getattr(value, "item_memo", None)
+        if grapharg is None or not getattr(grapharg, "pass_arg_as_tensor", False) or memo is None:
+            continue
+        expr = getattr(getattr(memo, "node", None), "_expr", None)  # the symbol itself, not what replaced it
+        symbol = getattr(expr, "name", None)
+        items = [user for user in node.users if user.op == "call_method" and user.target == "item"]
+        if symbol and any(canonical_op(use) in ("add", "norm") for item in items for use in item.users):
+            symbols.append(symbol)
+    return symbols
+
+
+def _specialize_eps_inputs(gm: fx.GraphModule) -> None:
+    """Have Dynamo trace ``gm``'s frame again with its eps-like float inputs as constants (see the module docstring).
+
+    Raises Dynamo's own restart, the one it raises when Inductor cannot take a
+    float input, after naming the floats to specialize; each is specialized
+    once, so the second trace goes through.
+    """
+    try:
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+        from torch._dynamo.symbolic_convert import TensorifyState
+    except ImportError:  # a torch without float inputs has nothing to specialize
+        return
+    symbols = [s for s in _float_inputs_read_as_eps(gm) if not TensorifyState.should_specialize(s)]
+    if not symbols:
+        return
+    log.info("attnres: %d float input(s) of this graph read as a norm's eps (dynamic=True); "
+             "tracing it again with them as constants", len(symbols))
+    for symbol in symbols:
+        TensorifyState.specialize(symbol)
+    raise TensorifyScalarRestartAnalysis
+
+
+def inductor_config_patches(mode: Optional[str], options: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Inductor's settings for ``torch.compile``'s ``mode`` and ``options``.
+
+    Translated by the same code that translates them for ``backend="inductor"``
+    (``list_mode_options`` for the mode, the option names and types checked
+    against Inductor's config), so that each means here what it means there.
+    """
+    if not mode and not options:
+        return {}
+    return dict(torch._TorchCompileInductorWrapper(mode, options, dynamic=None).config)
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: list, plan: Plan, config_patches: dict[str, Any]) -> Callable:
     """``compile_fx``, said in the log: what goes in, and how long the forward took (the backward compiles later)."""
     from torch._inductor.compile_fx import compile_fx
 
@@ -77,11 +160,12 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, plan: Plan) -> Callable:
     mode = _reference_reads_for(example_inputs)
     log.info(
         "attnres: compiling a graph of %d nodes with %d Block AttnRes reads (Inductor; reads without a Triton "
-        "kernel: %s) ...", len(gm.graph.nodes), reads, mode,
+        "kernel: %s%s) ...", len(gm.graph.nodes), reads, mode,
+        f"; settings {config_patches}" if config_patches else "",
     )
     start = time.perf_counter()
     with ops.use_reference_reads(mode), torch.compiler.config.patch(cache_key_tag=_cache_key_tag()):
-        compiled = compile_fx(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs, config_patches=config_patches or None)
     log.info("attnres: compiled in %.1f s (a training graph's backward compiles at its first backward)", time.perf_counter() - start)
     return compiled
 
@@ -115,9 +199,11 @@ def _cache_key_tag() -> str:
     return f"{torch.compiler.config.cache_key_tag} {key}".strip()
 
 
-def attnres_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+def attnres_backend(
+    gm: fx.GraphModule, example_inputs: list, *, mode: Optional[str] = None, options: Optional[dict[str, Any]] = None
+) -> Callable:
     """The registered ``"attnres"`` backend: :func:`compile_graph` with the defaults."""
-    return compile_graph(gm, example_inputs)
+    return compile_graph(gm, example_inputs, mode=mode, options=options)
 
 
 class AttnResBackend:
@@ -139,5 +225,15 @@ class AttnResBackend:
         self.inductor = inductor
         self.plans: list[Plan] = []
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        return compile_graph(gm, example_inputs, self.config, inductor=self.inductor, on_rewrite=self.plans.append)
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list,
+        *,
+        mode: Optional[str] = None,
+        options: Optional[dict[str, Any]] = None,
+    ) -> Callable:
+        return compile_graph(
+            gm, example_inputs, self.config, inductor=self.inductor, on_rewrite=self.plans.append,
+            mode=mode, options=options,
+        )

@@ -16,7 +16,10 @@ Notation (per token; a *source* ``v`` is a tensor ``[..., d]``)::
 Precision: all math runs in fp32 (fp64 when an input is fp64, so that fp64
 ``gradcheck`` is meaningful); outputs are cast back to the dtype of the tensor
 they stand for (sources' dtype for values, query's dtype for query grads, the
-compute dtype for ``lse``).
+compute dtype for ``lse``). That holds inside an autocast region too: the
+public functions run with autocast off (:func:`_outside_autocast`), since
+autocast would otherwise run their matrix products in bf16/fp16 -- the ops
+that call them are custom ops, which autocast passes through untouched.
 
 Shapes: the leading dims ``...`` of the sources are flattened into one token
 axis ``T`` internally; ``N`` is the number of sources, ``S`` the number of
@@ -25,8 +28,9 @@ queries of a phase-1 block read.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -45,6 +49,44 @@ __all__ = [
 
 DEFAULT_EPS = 1e-6
 """Key-norm eps where nothing else is known (design §2: the model's own norm eps, else this)."""
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _first_tensor(values: Sequence) -> Optional[Tensor]:
+    """The first tensor among ``values``, looking one level into lists (the sources)."""
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], Tensor):
+            return value[0]
+    return None
+
+
+def _outside_autocast(fn: _F) -> _F:
+    """Run ``fn`` with autocast off for its tensors' device.
+
+    The reads are custom ops, which autocast does not cast: their inputs arrive
+    in the model's dtypes (the stream's, fp32 queries), but an eager call (the
+    eager rewritten reference that ``verify`` compares with, a direct call) still
+    runs their bodies inside the autocast region, where every matrix product
+    (the scores ``v @ w``, the mix ``a @ v`` and their gradients) would drop to
+    bf16/fp16. (A compiled graph runs with autocast off already: AOTAutograd
+    baked the casts into the traced ops.) The math here keeps its own precision
+    policy (fp32 accumulation, outputs in the inputs' dtypes), so autocast is
+    switched off around it, not replaced.
+    """
+
+    @functools.wraps(fn)
+    def without_autocast(*args, **kwargs):
+        first = _first_tensor(args)
+        device = None if first is None else first.device.type
+        if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return without_autocast  # type: ignore[return-value]
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -101,6 +143,7 @@ def _scores(v: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 # [N, d] matrices, a few ATen calls whatever N and S are.
 
 
+@_outside_autocast
 def block_read_forward(
     sources: Sequence[Tensor], queries: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
@@ -132,6 +175,7 @@ def block_read_forward(
     return o.to(sources[0].dtype), lse.t().contiguous().reshape(num_queries, *lead)
 
 
+@_outside_autocast
 def block_read_backward(
     grad_o: Optional[Tensor],
     grad_lse: Optional[Tensor],
@@ -193,6 +237,7 @@ def block_read_backward(
 # --------------------------------------------------------------------------
 
 
+@_outside_autocast
 def read_weights(sources: Sequence[Tensor], query: Tensor, eps: float) -> Tensor:
     """The read's weights ``alpha_i = softmax_i(w . k_i)`` per token.
 
@@ -211,6 +256,7 @@ def read_weights(sources: Sequence[Tensor], query: Tensor, eps: float) -> Tensor
     return torch.softmax(s[..., 0], dim=1).reshape(*sources[0].shape[:-1], len(sources))
 
 
+@_outside_autocast
 def read_forward(sources: Sequence[Tensor], query: Tensor, eps: float, scale: float) -> Tensor:
     """``h = scale * sum_i softmax_i(w . k_i) v_i``: :func:`block_read_forward` with one query, scaled.
 
@@ -234,6 +280,7 @@ def read_forward(sources: Sequence[Tensor], query: Tensor, eps: float, scale: fl
     return (scale * o[0].to(dtype)).to(sources[0].dtype)
 
 
+@_outside_autocast
 def read_backward(
     grad_h: Tensor, sources: Sequence[Tensor], query: Tensor, eps: float, scale: float
 ) -> tuple[list[Tensor], Tensor]:
@@ -262,6 +309,7 @@ def read_backward(
 # --------------------------------------------------------------------------
 
 
+@_outside_autocast
 def merge_forward(
     o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
 ) -> Tensor:
@@ -298,6 +346,7 @@ def merge_forward(
     return h.to(o.dtype)
 
 
+@_outside_autocast
 def merge_backward(
     grad_h: Tensor,
     h: Tensor,
