@@ -49,7 +49,13 @@ def _stack_plan(model: nn.Module, traced: list[tuple[Plan, Optional[str]]]) -> O
         return None
     if not with_streams:
         notes = "\n".join(plan.summary() for plan, _ in traced)
-        if any(plan.skipped for plan, _ in traced):
+        breaks = [broken for _, broken in traced if broken]
+        if breaks:
+            why = (f"graph breaks cut its forward into {len(traced)} graphs and none holds the layer stack: "
+                   f"{breaks[0]}. TORCH_LOGS=graph_breaks shows where; under activation checkpointing, a "
+                   "side effect inside a checkpointed layer breaks the graph unless "
+                   "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True")
+        elif any(plan.skipped for plan, _ in traced):
             why = "the places it left alone, and why"
         else:
             why = ("no add x + f(x) whose branch reads x through a norm and has a weight; post-norm models "

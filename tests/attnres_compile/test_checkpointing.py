@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import pytest
 import torch
@@ -93,6 +94,39 @@ def test_hugging_face_gradient_checkpointing_is_rewritten_exactly(form):
     assert report.ok, report
     backend = AttnResBackend(inductor=False)  # the plan's notes; the compiled run was verify's
     model.train()
+    torch.compile(model, backend=backend)(*args, **kwargs).logits.square().mean().backward()
+    assert len(_opened_regions(backend)) == 1
+    assert model.attnres.queries[0].grad.abs().sum() > 0
+
+
+def _llama_with_wrapped_layers(form: str):
+    """The tiny Llama with each decoder layer wrapped by ``checkpoint_wrapper`` (selective: with a policy)."""
+    model, args, kwargs = hf_llama(n_layer=3)
+    context = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmuls)}
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = checkpoint_wrapper(layer, **(context if form == "selective" else {}))
+    return model, args, kwargs
+
+
+def test_a_stack_broken_at_every_checkpointed_layer_is_left_plain_naming_the_graph_breaks(caplog):
+    """Hugging Face layers inside checkpoint_wrapper break the graph (a side effect): said, not "post-norm"."""
+    model, args, kwargs = _llama_with_wrapped_layers("checkpoint_wrapper")
+    with caplog.at_level(logging.WARNING, logger="attnres_compile"):
+        attnres_compile.prepare(model, args, CONFIG, example_kwargs=kwargs)
+    assert not hasattr(model, "attnres")
+    assert "graph breaks cut its forward" in caplog.text and "skip_fwd_side_effects_in_bwd_under_checkpoint" in caplog.text
+    assert "post-norm" not in caplog.text
+
+
+@pytest.mark.parametrize("form", ["checkpoint_wrapper", "selective"])
+@torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+def test_llama_decoder_layers_wrapped_by_hand_are_rewritten_exactly(form):
+    """torchtitan's way on a Hugging Face model: each decoder layer wrapped by checkpoint_wrapper (or SAC)."""
+    model, args, kwargs = _llama_with_wrapped_layers(form)
+    attnres_compile.prepare(model, args, CONFIG, example_kwargs=kwargs)
+    report = attnres_compile.verify(model, args, example_kwargs=kwargs)
+    assert report.ok, report
+    backend = AttnResBackend(inductor=False)  # the plan's notes; the compiled run was verify's
     torch.compile(model, backend=backend)(*args, **kwargs).logits.square().mean().backward()
     assert len(_opened_regions(backend)) == 1
     assert model.attnres.queries[0].grad.abs().sum() > 0
