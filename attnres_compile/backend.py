@@ -31,25 +31,18 @@ import torch.fx as fx
 
 from .config import AttnResConfig
 from .kernels import ops
-from .core import NO_STREAM, QueryMismatch, UnpreparedQueries, run_pipeline
+from .core import NO_STREAM, PipelineResult, QueryMismatch, UnpreparedQueries, run_pipeline
 from .passes.plan import Plan
-from .queries import QueryBinding, require_zero_queries
+from .queries import QueryBinding, guard_zero_queries
 
 log = logging.getLogger("attnres_compile")
 
 
 def _unrewritten(gm: fx.GraphModule, binding: Optional[QueryBinding]) -> Callable:
     """Run a graph as traced; with a prepared model's queries in it, only while they are zero."""
-    if binding is None:
-        return gm.forward
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    positions = [placeholders.index(q) for q in binding.nodes if q in placeholders]
-
-    def run_plain(*args):
-        require_zero_queries([args[i] for i in positions], where="without the rewrite")
-        return gm.forward(*args)
-
-    return run_plain
+    if binding is not None:
+        guard_zero_queries(gm, binding.nodes)
+    return gm.forward
 
 
 def compile_graph(
@@ -78,6 +71,7 @@ def compile_graph(
         log.error("attnres: %s; this graph runs unchanged (eager)", mismatch)
         return _unrewritten(gm, mismatch.binding)
     if not result.rewritten:
+        _refuse_ddp_buckets(result)
         if result.refused == NO_STREAM and result.binding is None:
             log.info("attnres: no residual stream in this graph, running it unchanged (eager)\n%s", result.plan.summary())
         return _unrewritten(gm, result.binding)
@@ -91,6 +85,24 @@ def compile_graph(
     if on_rewrite is not None:
         on_rewrite(result.plan)
     return compiled
+
+
+def _refuse_ddp_buckets(result: PipelineResult) -> None:
+    """A prepared model's stack cut by DistributedDataParallel's buckets: raise, naming the setting that keeps it whole.
+
+    Under DDP, Dynamo's DDPOptimizer splits the graph at every gradient bucket
+    (25 MB by default, the first 1 MB) so that each bucket's all-reduce can start
+    during the backward. Run plain, the model would leave its queries unused,
+    which DDP reports as an error about unused parameters that names neither.
+    """
+    if result.binding is None or not result.graph_break or "DDPOptimizer" not in result.graph_break:
+        return
+    raise RuntimeError(
+        "attnres: DistributedDataParallel's gradient buckets (Dynamo's DDPOptimizer) split the layer stack of "
+        "a model prepared for Block AttnRes into one graph per bucket, so it cannot be rewritten. Set "
+        "torch._dynamo.config.optimize_ddp = False before compiling: the stack then stays in one graph, and "
+        "DDP all-reduces the gradients after the backward instead of overlapping buckets with it"
+    )
 
 
 def _float_inputs_read_as_eps(gm: fx.GraphModule) -> list[str]:
@@ -164,7 +176,7 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, plan: Plan, config_patch
         f"; settings {config_patches}" if config_patches else "",
     )
     start = time.perf_counter()
-    with ops.use_reference_reads(mode), torch.compiler.config.patch(cache_key_tag=_cache_key_tag()):
+    with ops.use_reference_reads(mode), torch.compiler.config.patch(cache_key_tag=_cache_key_tag(example_inputs)):
         compiled = compile_fx(gm, example_inputs, config_patches=config_patches or None)
     log.info("attnres: compiled in %.1f s (a training graph's backward compiles at its first backward)", time.perf_counter() - start)
     return compiled
@@ -188,15 +200,33 @@ def _reference_reads_for(example_inputs: list) -> str:
     return "extern" if needs_backward else "traced"
 
 
-def _cache_key_tag() -> str:
-    """The user's cache-key tag plus what our ops' bodies trace to: a hash of their sources and the choices.
+def _cache_key_tag(example_inputs: list) -> str:
+    """The user's cache-key tag plus what the caches' own keys miss: our ops' bodies, and local shard shapes.
 
     The graph-level caches key on the graph, which names our ops but does not hold their bodies
     (``ops.implementation_fingerprint``), nor the settings that pick a body (``ops.choices_key``);
     with both in the key, artifacts compiled against other bodies are not served.
+    A DTensor input is keyed by its global shape and placements, but the compiled code
+    asserts the local shard's shape, which differs between ranks when a dimension does
+    not split evenly (a query matrix of L + 1 rows over two ranks): ranks sharing a
+    cache directory would load each other's code (``_local_shapes_key``).
     """
-    key = f"attnres-ops-{ops.implementation_fingerprint()}-{ops.choices_key()}"
+    key = f"attnres-ops-{ops.implementation_fingerprint()}-{ops.choices_key()}{_local_shapes_key(example_inputs)}"
     return f"{torch.compiler.config.cache_key_tag} {key}".strip()
+
+
+def _local_shapes_key(example_inputs: list) -> str:
+    """``-local-<hash>`` of the local shapes of the DTensor inputs, or ``""`` when there are none."""
+    import hashlib
+
+    if not torch.distributed.is_available():
+        return ""
+    from torch.distributed.tensor import DTensor
+
+    shapes = [tuple(t._local_tensor.shape) for t in example_inputs if isinstance(t, DTensor)]
+    if not shapes:
+        return ""
+    return "-local-" + hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
 
 
 def attnres_backend(

@@ -218,7 +218,9 @@ def _fragment_of_prepared_model(owner: nn.Module) -> str:
         f"this graph holds part of the layer stack of {type(owner).__name__}, which was prepared for Block "
         "AttnRes, but not its forward: a graph break made the forward run eagerly and Dynamo compiled a "
         "submodule on its own, where the model's queries cannot reach. FSDP2 causes this when fully_shard "
-        "wraps modules inside the stack (Dynamo does not trace FSDP2's hooks): shard only the root module. "
+        "wraps modules inside the stack (Dynamo does not trace FSDP2's hooks): shard only the root module with "
+        "fully_shard, or shard every module with torchtitan's SimpleFSDP (data_parallel(model, mesh, "
+        "mode='fully_shard')), whose all-gathers Dynamo traces into one graph. "
         "TORCH_LOGS=graph_breaks shows other breaks. The graph runs unchanged (plain residuals)"
     )
 

@@ -55,6 +55,24 @@ def require_zero_queries(queries: list[Tensor], where: str = "eagerly") -> None:
         )
 
 
+def _refuse_non_zero_queries(*queries: Tensor) -> None:
+    require_zero_queries(list(queries), where="without the rewrite")
+
+
+def guard_zero_queries(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Make ``gm`` (run eagerly, unrewritten) fail while the queries ``nodes`` stand for are non-zero.
+
+    The check is a node of the graph, after the last of ``nodes``, so it sees the
+    queries as the forward computes them: a placeholder's value, or what a
+    sharded parameter's parametrization made of it (SimpleFSDP all-gathers the
+    shards, ``redistribute(...).to_local()``), which no graph input holds.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    with gm.graph.inserting_after(max(nodes, key=order.__getitem__)):
+        gm.graph.call_function(_refuse_non_zero_queries, tuple(nodes))
+    gm.recompile()
+
+
 @bind_queries.register_fake
 def _bind_queries_fake(x: Tensor, queries: list[Tensor], spec: str) -> Tensor:
     return torch.empty_like(x)

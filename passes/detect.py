@@ -200,12 +200,14 @@ def weight_values(graph: fx.Graph, parameters: set[fx.Node]) -> set[fx.Node]:
     """Parameters and values computed from parameters alone (``t(W)``, ``W.to(bf16)``, ``1 + w``).
 
     Core aten spells ``nn.Linear`` as ``addmm(b, x, t(W))``: the weight a branch
-    reads is then a view of the parameter, not the parameter node itself.
+    reads is then a view of the parameter, not the parameter node itself. A
+    sharded parameter reaches its layer through method calls Dynamo records as
+    such: SimpleFSDP's ``W.redistribute(Replicate).to_local()`` (the all-gather).
     """
     weights = set(parameters)
     for node in graph.nodes:
         inputs = node.all_input_nodes
-        if node.op == "call_function" and inputs and all(u in weights for u in inputs):
+        if node.op in ("call_function", "call_method") and inputs and all(u in weights for u in inputs):
             weights.add(node)
     return weights
 

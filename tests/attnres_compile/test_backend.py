@@ -199,3 +199,25 @@ def test_reads_without_triton_kernel_are_extern_for_training_and_traced_for_infe
         got = torch.compile(model, backend="attnres")(*args)
     assert len(cache_key_tags) == 1 and cache_key_tags[0].endswith(f"reference_reads={expected}")
     torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_local_shard_shapes_are_part_of_the_cache_key():
+    """Ranks holding uneven shards of one DTensor (a 9-row query matrix over 2 ranks) must not share compiled code."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from attnres_compile.backend import _local_shapes_key
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+
+        def shard(rows):  # as rank 0 (5 rows) or rank 1 (4 rows) of a [9, 4] matrix sees it
+            return DTensor.from_local(torch.zeros(rows, 4), mesh, [Shard(0)], run_check=False, shape=(9, 4), stride=(4, 1))
+
+        assert _local_shapes_key([torch.zeros(3)]) == ""
+        assert _local_shapes_key([shard(5)]) != _local_shapes_key([shard(4)])
+        assert _local_shapes_key([shard(5)]) == _local_shapes_key([shard(5)])
+    finally:
+        dist.destroy_process_group()

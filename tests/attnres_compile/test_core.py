@@ -111,6 +111,24 @@ def test_a_graph_that_is_not_the_stack_prepare_traced_is_named_and_never_runs_pl
         torch.compile(model, backend=AttnResBackend())(x, skip_last=True)
 
 
+class _Gathered(nn.Module):
+    """A parametrization that computes the parameter the forward sees, as SimpleFSDP's all-gather does."""
+
+    def forward(self, stored):
+        return stored * 1.0
+
+
+def test_queries_computed_in_the_graph_still_never_run_plain():
+    """Queries that reach the graph through a parametrization are no graph input; they are checked all the same."""
+    torch.manual_seed(0)
+    model, x = _SkippableStack(), torch.randn(2, 3, 16)
+    attnres_compile.prepare(model, (x,))
+    set_random_queries(model)
+    nn.utils.parametrize.register_parametrization(model, "attnres_queries_0", _Gathered())
+    with pytest.raises(Exception, match="non-zero"):
+        torch.compile(model, backend=AttnResBackend())(x, skip_last=True)
+
+
 def _container_sizes(*modules) -> dict[str, int]:
     return {
         f"{m.__name__}.{name}": len(value)

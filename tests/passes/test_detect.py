@@ -226,6 +226,24 @@ def test_dropout_p0_and_layerscale_between_branch_and_add_do_not_matter():
     assert layer_counts(plan) == [4]
 
 
+class _ToLocal(nn.Module):
+    """A parametrization whose forward is a method call, as SimpleFSDP's ``W.redistribute(...).to_local()``."""
+
+    def forward(self, stored):
+        return stored.contiguous()
+
+
+def test_weights_reached_through_method_calls_are_weights():
+    """Dynamo records a parametrized weight as a call_method on the parameter: the branch still has its matrix."""
+    model = PreNormStack(3)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.utils.parametrize.register_parametrization(module, "weight", _ToLocal())
+    gm, plan = dynamo_plan(model, x_input())
+    assert any(n.op == "call_method" and n.target == "contiguous" for n in gm.graph.nodes)
+    assert layer_counts(plan) == [3]
+
+
 def test_scaled_embedding_is_b0():
     idx = torch.randint(0, 32, (2, 5))
     gm, plan = dynamo_plan(ScaledEmbeddingLM(3), idx)

@@ -1,14 +1,18 @@
 """One process of a distributed training check, run by ``tests/attnres_compile/test_distributed.py``.
 
-    python distributed_worker.py MODE BACKEND OUT
+    python distributed_worker.py ENGINE MODEL BACKEND OUT
 
-MODE is ``single`` (one process, the whole global batch), ``ddp``, ``fsdp2``
-(``fully_shard`` on the root module only) or ``fsdp2_blocks`` (``fully_shard``
-on every transformer block as well: the graph breaks at FSDP2's hooks must leave
-the model unrewritten), each as rank ``RANK`` of ``WORLD_SIZE`` over gloo with its
-share of the batch and the torchrun-style ``MASTER_ADDR``/``MASTER_PORT`` environment. BACKEND is
-``attnres`` (Inductor) or ``eager`` (the rewritten graph run eagerly). Rank 0
-(or the single process) saves the trained parameters, queries included, to OUT.
+ENGINE is ``single`` (one process, no process group: the reference), one of
+``examples/train_distributed.py``'s engines (``ddp``, ``fsdp``, ``hsdp``,
+``fsdp2-root``, ``tp``), ``fsdp2-blocks`` (FSDP2's ``fully_shard`` on every block
+as well: the refused route), ``ddp-buckets`` (DDP with 1 MB buckets: refused while
+Dynamo splits the graph per bucket, then trained as the example does) or ``refusals`` (every engine above with non-zero
+queries on a model whose stack changed after ``prepare``: each must raise).
+MODEL is one of the example's models; BACKEND ``attnres`` (Inductor) or
+``eager`` (the rewritten graph run eagerly). Every process gets the
+torchrun-style environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...).
+Rank 0 (or the single process) saves ``{"losses": [...], "state": {...}}``:
+the global loss of every step and the trained parameters, queries included.
 """
 
 from __future__ import annotations
@@ -22,71 +26,128 @@ import torch.distributed as dist
 
 import attnres_compile
 from attnres_compile import AttnResBackend
-from zoo import VOCAB, tiny_gpt
+from train_distributed import ENGINES, Parallel, build_model, full_state, global_batches, parallelize, train
 
-GLOBAL_BATCH, SEQ, STEPS, LR = 4, 9, 3, 0.5
-
-
-def global_batches():
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen) for _ in range(STEPS)]
+VOCAB, LAYERS, WIDTH, GLOBAL_BATCH, SEQ, STEPS, LR = 64, 1, 16, 4, 9, 3, 0.5
 
 
-def prepared_model():
-    model, args, _ = tiny_gpt(n_layer=1, d_model=16)
-    attnres_compile.prepare(model, args)
+# name -> (example model, layers, width); "tiny-gpt-wide" has 3 MB of parameters: several DDP buckets.
+SIZES = {"tiny-gpt": ("tiny-gpt", LAYERS, WIDTH), "tiny-gpt-wide": ("tiny-gpt", 1, 256),
+         "hf-llama": ("hf-llama", 2, 32), "titan-llama3": ("titan-llama3", 2, 32)}
+
+
+def prepared_model(name: str) -> torch.nn.Module:
+    example, layers, width = SIZES[name]
+    model = build_model(example, VOCAB, layers, width, seed=0)
+    attnres_compile.prepare(model, (torch.randint(0, VOCAB, (2, SEQ)),))
     return model
 
 
-def train(model, compiled, rank: int, world: int) -> None:
-    from tiny_gpt import loss_fn
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    share = GLOBAL_BATCH // world
-    for batch in global_batches():
-        rows = batch[rank * share:(rank + 1) * share]
-        loss = loss_fn(compiled(rows[:, :-1]), rows[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+def make_backend(name: str) -> AttnResBackend:
+    return AttnResBackend() if name == "attnres" else AttnResBackend(inductor=False)
 
 
-def main(mode: str, backend_name: str, out: str) -> None:
-    backend = AttnResBackend() if backend_name == "attnres" else AttnResBackend(inductor=False)
-    model = prepared_model()
-    if mode == "single":
-        train(model, torch.compile(model, backend=backend), 0, 1)
-        assert backend.plans, "the backend rewrote no graph"
-        torch.save(model.state_dict(), out)
-        return
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+def run_single(model_name: str, backend_name: str, out: str) -> None:
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    backend, model = make_backend(backend_name), prepared_model(model_name)
+    losses = train(torch.compile(model, backend=backend), model, Parallel(model, 0, 1), batches(), LR, "cpu")
+    assert backend.plans, "the backend rewrote no graph"
+    torch.save({"losses": losses, "state": full_state(model)}, out)
 
-        wrapped = DistributedDataParallel(model)
-        train(model, torch.compile(wrapped, backend=backend), rank, world)
-        state = model.state_dict()
+
+def batches():
+    return global_batches(VOCAB, GLOBAL_BATCH, SEQ, STEPS)
+
+
+def refuse_ddp_buckets(model: torch.nn.Module) -> None:
+    """DDP's buckets cut the stack into graphs (DDPOptimizer): the compile must fail, naming the setting."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    try:
+        torch.compile(DistributedDataParallel(model, bucket_cap_mb=1), backend=make_backend("eager"))(
+            batches()[0][:2, :-1])
+    except Exception as error:
+        assert "optimize_ddp = False" in str(error), error
+        print("refused: ddp-buckets", flush=True)
     else:
+        raise AssertionError("a stack cut by DDP's buckets ran")
+    torch._dynamo.reset()
+
+
+def run_engine(engine: str, model_name: str, backend_name: str, out: str) -> None:
+    backend, model = make_backend(backend_name), prepared_model(model_name)
+    if engine == "ddp-buckets":
+        refuse_ddp_buckets(model)
+        engine = "ddp"
+    if engine == "fsdp2-blocks":
         from torch.distributed.fsdp import fully_shard
 
-        if mode == "fsdp2_blocks":
-            for block in model.blocks:
-                fully_shard(block)
-        fully_shard(model)
-        train(model, torch.compile(model, backend=backend), rank, world)
-        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-    if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in state.items()}, out)
-    if mode == "fsdp2_blocks":
+        for block in model.blocks:
+            fully_shard(block)
+        parallel = parallelize(model, "fsdp2-root", "cpu")
+    else:
+        parallel = parallelize(model, engine, "cpu")
+    losses = train(torch.compile(parallel.module, backend=backend), model, parallel, batches(), LR, "cpu")
+    state = full_state(model)
+    if dist.get_rank() == 0:
+        torch.save({"losses": losses, "state": state}, out)
+    if engine == "fsdp2-blocks":
         assert not backend.plans, "a graph split off by FSDP2's hooks was rewritten"
     else:
         assert backend.plans, "the backend rewrote no graph"
+
+
+def check_refusals(model_name: str) -> None:
+    """Non-zero queries and a stack that is no longer the one ``prepare`` traced: every engine must raise."""
+    # Not hsdp: torchtitan caches SimpleFSDP's wrapper class per model class, with the first
+    # model's mesh in it, so one process cannot shard a second model of a class on another mesh.
+    engines = [e for e in ENGINES if e != "hsdp"]
+    if model_name == "tiny-gpt":  # tied weights (SimpleFSDP refuses them), a fused qkv (no tp plan)
+        engines = ["ddp", "fsdp2-root", "fsdp2-blocks"]
+    for engine in engines:
+        model = prepared_model(model_name)
+        with torch.no_grad():
+            for q in model.attnres.queries:
+                q.fill_(0.1)
+        drop_last_block(model)
+        if engine == "fsdp2-blocks":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            engine_module = parallelize(model, "fsdp2-root", "cpu").module
+        else:
+            engine_module = parallelize(model, engine, "cpu").module
+        torch._dynamo.reset()
+        try:
+            torch.compile(engine_module, backend=make_backend("eager"))(batches()[0][:2, :-1])
+        except RuntimeError as error:
+            assert "non-zero" in str(error), f"{engine}: {error}"
+            print(f"refused: {engine}", flush=True)
+        else:
+            raise AssertionError(f"{engine}: a model with non-zero queries ran without the rewrite")
+
+
+def drop_last_block(model: torch.nn.Module) -> None:
+    """Remove the last transformer block: the stack is then not the one ``prepare`` traced."""
+    blocks = getattr(model, "blocks", None) or getattr(model, "layers", None) or model.model.layers
+    del blocks[str(len(blocks) - 1) if isinstance(blocks, torch.nn.ModuleDict) else -1]
+
+
+def main(engine: str, model_name: str, backend_name: str, out: str) -> None:
+    if engine == "single":
+        run_single(model_name, backend_name, out)
+        return
+    dist.init_process_group("gloo")
+    if engine == "refusals":
+        check_refusals(model_name)
+    else:
+        run_engine(engine, model_name, backend_name, out)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)  # the backend's refusals reach the test through stdout
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown of gloo threads
