@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 2 examples/train_distributed.py --parallel fsdp
     torchrun --nproc-per-node 2 examples/train_distributed.py --parallel tp --model titan-llama3
     torchrun --nproc-per-node 4 examples/train_distributed.py --parallel hsdp
+    torchrun --nproc-per-node 2 examples/train_distributed.py --parallel pp --schedule interleaved [--no-cache]
 
 CPU processes talk over gloo, GPUs over nccl; nothing else changes. Rank 0
 prints the plan the backend applied and the loss of every step.
@@ -30,6 +31,12 @@ keeps the layer stack in one graph:
   and MLP up-projections, rowwise output projections) on every block;
   ``hf-llama`` and ``titan-llama3`` (the models with separate q/k/v; the tiny
   GPT's fused qkv cannot be split by heads this way).
+- ``pp``: the plain model is exported, rewritten (``attnres_compile.rewrite``)
+  and cut into stages between AttnRes blocks (``attnres_compile.pipelining``);
+  ``--schedule gpipe|1f1b`` runs one stage per process, ``interleaved`` two.
+  Each rank caches the block summaries it has seen for a micro-batch, so a hop
+  sends only what the next rank lacks (``--no-cache`` sends every live one).
+  The stages run eagerly.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ from attnres_compile import AttnResBackend
 
 log = logging.getLogger("train_distributed")
 
-ENGINES = ("ddp", "fsdp", "hsdp", "fsdp2-root", "tp")
+ENGINES = ("ddp", "fsdp", "hsdp", "fsdp2-root", "tp", "pp")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 def tiny_gpt(vocab: int, layers: int, width: int) -> nn.Module:
@@ -111,7 +119,9 @@ def build_model(name: str, vocab: int, layers: int, width: int, seed: int) -> nn
 
 
 def logits_of(output) -> Tensor:
-    """Logits [B, T, V] from a model's output (a tensor, or a Hugging Face output)."""
+    """Logits [B, T, V] from a model's output: a tensor, a Hugging Face output, or a program's flat outputs."""
+    if isinstance(output, (tuple, list)):
+        return output[0]
     return output.logits if hasattr(output, "logits") else output
 
 
@@ -242,12 +252,140 @@ def train(compiled: Callable, model: nn.Module, parallel: Parallel, batches: lis
     return losses
 
 
+def pipeline_program(model: nn.Module, micro_batch: Tensor, config: attnres_compile.AttnResConfig) -> nn.Module:
+    """The model as one rewritten program (``torch.export`` then ``rewrite``), for one micro-batch's shape."""
+    program = torch.export.export(model, (micro_batch,), strict=False)
+    return attnres_compile.rewrite(program, config)
+
+
+@dataclass
+class Pipeline:
+    """This rank's share of a pipeline: its stage modules, the schedule and the split they came from."""
+
+    split: object
+    modules: dict
+    schedule: object
+    cache: Optional[object]
+    parameters: list
+
+
+def build_pipeline(program: nn.Module, micro_batch: Tensor, schedule_name: str, cached: bool, n_microbatches: int,
+                   device: str) -> Pipeline:
+    """Stages cut from ``program`` (one per rank, two per rank for the interleaved schedule) and their schedule.
+
+    ``micro_batch`` is one micro-batch of input ids, for the stages' shapes.
+    The loss of each micro-batch is divided by the number of micro-batches and
+    the schedule does not rescale: the step's gradient is the whole batch's mean,
+    as in one process, also for parameters two stages of a rank share.
+    """
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    from attnres_compile.pipelining import StageCache, split_stages
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    num_stages = world * (2 if schedule_name == "interleaved" else 1)
+    split = split_stages(program, num_stages)
+    cache = StageCache() if cached else None
+    mine = split.stages_of_rank(rank, world)
+    modules = {s: split.stage_module(s, world, cache) for s in mine}
+    shapes = split.example_transfers((micro_batch.to(device),), world, cached)
+    stages = [
+        PipelineStage(modules[s], s, num_stages, torch.device(device), input_args=shapes[s][0], output_args=shapes[s][1])
+        for s in mine
+    ]
+
+    def loss_fn(output, target):
+        return next_token_loss(logits_of(output), target) / n_microbatches
+
+    if schedule_name == "interleaved":
+        schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    else:
+        kind = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
+        schedule = kind(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    parameters = list({id(p): p for s in mine for p in split.parameters_of_stage(s).values()}.values())
+    return Pipeline(split, modules, schedule, cache, parameters)
+
+
+def train_pipeline(pipeline: Pipeline, batches: list[Tensor], lr: float, device: str,
+                   on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+    """SGD through the pipeline on each global batch; the batch's mean loss of every step."""
+    from attnres_compile.pipelining import sync_shared_gradients
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    num_stages = pipeline.split.num_stages
+    optimizer = torch.optim.SGD(pipeline.parameters, lr=lr)
+    losses = []
+    for step, batch in enumerate(batches):
+        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
+        optimizer.zero_grad()
+        if pipeline.cache is not None:
+            pipeline.cache.start_step()
+        micro_losses: list[Tensor] = []
+        args = (x,) if 0 in pipeline.modules else ()
+        kwargs = {"target": y, "losses": micro_losses} if num_stages - 1 in pipeline.modules else {}
+        pipeline.schedule.step(*args, **kwargs)
+        sync_shared_gradients(pipeline.split, rank, world)
+        optimizer.step()
+        total = torch.tensor(float(sum(l.item() for l in micro_losses)))
+        dist.all_reduce(total)  # only the last stage's rank has the loss
+        losses.append(total.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
+
+
 def full_state(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter and buffer of the (unwrapped) model whole and on CPU: sharded ones gathered."""
     return {
         name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().cpu().clone()
         for name, value in model.state_dict().items()
     }
+
+
+def transfer_table(split, micro_batch: Tensor, world: int) -> list[str]:
+    """Per hop: the block summaries sent and the bytes per micro-batch (activations forward + gradients
+    backward), without and with the cache."""
+    rows = ["hop            | naive: summaries, KB | cached: summaries, KB"]
+    both = {cached: split.example_transfers((micro_batch,), world, cached) for cached in (False, True)}
+    plans = {cached: split.plan(world, cached) for cached in (False, True)}
+    totals = {False: 0, True: 0}
+    for stage in range(split.num_stages - 1):
+        cells = []
+        for cached in (False, True):
+            sent = both[cached][stage][1]
+            nbytes = sum(t.numel() * t.element_size() * (2 if t.requires_grad else 1) for t in sent)
+            totals[cached] += nbytes
+            names = [split.summaries[n] for n in plans[cached].sent[stage] if n in split.summaries]
+            cells.append(f"{' '.join(names) or '-':>16} {nbytes / 1e3:7.1f}")
+        rows.append(f"{stage} -> {stage + 1} (r{split.rank_of(stage, world)}->r{split.rank_of(stage + 1, world)}) | "
+                    + " | ".join(cells))
+    rows.append(f"total per micro-batch: naive {totals[False] / 1e3:.1f} KB, cached {totals[True] / 1e3:.1f} KB "
+                f"({totals[False] / max(totals[True], 1):.2f}x)")
+    return rows
+
+
+def main_pipeline(args: argparse.Namespace, model: nn.Module, batches: list[Tensor],
+                  config: attnres_compile.AttnResConfig, device: str) -> list[float]:
+    """--parallel pp: the plain model exported, rewritten, cut into stages and trained through a schedule."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch % args.micro_batches:
+        raise ValueError(f"--batch {args.batch} does not split into {args.micro_batches} micro-batches")
+    micro_batch = batches[0][: args.batch // args.micro_batches, :-1].to(device)
+    program = pipeline_program(model, micro_batch, config)
+    pipeline = build_pipeline(program, micro_batch, args.schedule, not args.no_cache, args.micro_batches, device)
+    if rank == 0:
+        split = pipeline.split
+        log.info("%s, %s schedule, %d stages on %d processes (stage s on rank s %% %d), stages start at blocks %s, "
+                 "%s", args.model, args.schedule, split.num_stages, world, world, [0] + split.cuts,
+                 "no cache" if args.no_cache else "cached")
+        for row in transfer_table(split, micro_batch, world):
+            log.info("%s", row)
+
+    def say(step: int, loss: float) -> None:
+        if rank == 0:
+            log.info("step %3d  loss %.4f", step, loss)
+
+    return train_pipeline(pipeline, batches, args.lr, device, say)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -258,16 +396,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "separate q/k/v)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--num-blocks", type=int, default=2, help="Block AttnRes blocks")
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help="Block AttnRes blocks (default 2; for pp, 4: at least one per stage)")
     parser.add_argument("--batch", type=int, default=8, help="global batch (split over data-parallel ranks)")
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="interleaved",
+                        help="pp: the pipeline schedule (interleaved: two stages per process)")
+    parser.add_argument("--micro-batches", type=int, default=4, help="pp: micro-batches per step")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="pp: send every live block summary at every hop instead of caching them per rank")
     parser.add_argument("--eager", action="store_true",
                         help="run the rewritten graph eagerly instead of compiling it with Inductor (quick checks)")
     args = parser.parse_args(argv)
-    args.model = args.model or ("tiny-gpt" if args.parallel in ("ddp", "fsdp2-root") else "hf-llama")
+    args.model = args.model or ("tiny-gpt" if args.parallel in ("ddp", "fsdp2-root", "pp") else "hf-llama")
+    args.num_blocks = args.num_blocks or (4 if args.parallel == "pp" else 2)
     return args
 
 
@@ -284,6 +429,10 @@ def main(argv=None) -> list[float]:
     model = build_model(args.model, 256, args.layers, args.width, args.seed).to(device)
     batches = global_batches(256, args.batch, args.seq, args.steps)
     config = attnres_compile.AttnResConfig(num_blocks=args.num_blocks)
+    if args.parallel == "pp":
+        losses = main_pipeline(args, model, batches, config, device)
+        dist.destroy_process_group()
+        return losses
     attnres_compile.prepare(model, (batches[0][:1, :-1].to(device),), config)
     parallel = parallelize(model, args.parallel, device)
     backend = AttnResBackend(inductor=not args.eager)

@@ -52,10 +52,13 @@ def _worker(engine, model, backend, out):
 
 
 def _single_run(model, backend, folder):
-    """One process training ``model``: the reference every engine's run is checked against."""
+    """One process training ``model``: the reference every engine's run is checked against.
+
+    ``backend="pipeline"``: the rewritten program that pipeline stages are cut from, trained whole.
+    """
     out = folder / f"single-{model}-{backend}.pt"
-    subprocess.run(_worker("single", model, backend, out), env=_environment(), check=True, timeout=600,
-                   capture_output=True)
+    command = _worker("single-pp", model, "eager", out) if backend == "pipeline" else _worker("single", model, backend, out)
+    subprocess.run(command, env=_environment(), check=True, timeout=600, capture_output=True)
     return torch.load(out)
 
 
@@ -155,6 +158,40 @@ def test_simple_fsdp_hybrid_shard_on_four_processes_trains_like_one_process(tmp_
 def test_tensor_parallel_attention_and_mlp_trains_like_one_process(model, tmp_path, single_runs):
     """Colwise q/k/v and up projections, rowwise output projections: the stream stays whole on every rank."""
     _check_engine("tp", model, "eager", tmp_path, single_runs)
+
+
+PIPELINES = [
+    "pp-interleaved-cached",
+    pytest.param("pp-interleaved", marks=pytest.mark.slow),
+    pytest.param("pp-gpipe", marks=pytest.mark.slow),
+    pytest.param("pp-1f1b", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("engine", PIPELINES)
+def test_pipeline_stages_train_like_one_process(engine, tmp_path, single_runs):
+    """Stages cut from one rewritten program (4 blocks; interleaved: 2 ranks x 2 stages), 4 micro-batches."""
+    codes, logs = _run_ranks(engine, "tiny-gpt", "eager", tmp_path / "pp.pt")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    got = torch.load(tmp_path / "pp.pt")
+    _assert_trains_like_one_process(got, single_runs("tiny-gpt", "pipeline"))
+    received: dict[int, list[str]] = {}
+    for stage, hop in sorted(got["hops"].items()):
+        assert hop["bytes"] == [hop["declared"]] * (3 * 4), "3 steps x 4 micro-batches, each hop what it declared"
+        received.setdefault(hop["to_rank"], []).extend(hop["summaries"])
+    if engine.endswith("-cached"):
+        for rank, summaries in received.items():
+            assert len(summaries) == len(set(summaries)), f"rank {rank} received a block summary twice: {summaries}"
+    elif engine == "pp-interleaved":
+        assert any(len(s) > len(set(s)) for s in received.values()), "without the cache a summary crosses twice"
+
+
+@pytest.mark.slow
+def test_pipeline_of_a_hugging_face_llama_trains_like_one_process(tmp_path, single_runs):
+    """Rotary tables and the causal mask cross the cuts beside the summaries."""
+    codes, logs = _run_ranks("pp-interleaved-cached", "hf-llama", "eager", tmp_path / "pp.pt")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    _assert_trains_like_one_process(torch.load(tmp_path / "pp.pt"), single_runs("hf-llama", "pipeline"))
 
 
 @pytest.mark.parametrize("model", [

@@ -15,19 +15,29 @@ from train_distributed import build_model, parallelize, tensor_parallel_plan
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_torchrun_two_processes_prints_the_plan_and_the_losses(tmp_path):
+def _torchrun(tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(ROOT / "examples" / "train_distributed.py"), "--parallel", "ddp", "--steps", "2", "--layers", "2",
-         "--width", "32", "--eager"],
+         str(ROOT / "examples" / "train_distributed.py"), *args],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_torchrun_two_processes_prints_the_plan_and_the_losses(tmp_path):
+    out = _torchrun(tmp_path, "--parallel", "ddp", "--steps", "2", "--layers", "2", "--width", "32", "--eager")
     assert "tiny-gpt on 2 processes (gloo), ddp" in out
     assert "stream 0: d=32, 4 layers, 2 blocks of [2, 2]" in out
     assert "step   0  loss" in out and "step   1  loss" in out
+
+
+def test_pipeline_command_prints_the_transfer_table_and_the_losses(tmp_path):
+    out = _torchrun(tmp_path, "--parallel", "pp", "--steps", "2", "--width", "32")
+    assert "interleaved schedule, 4 stages on 2 processes" in out
+    assert "2 -> 3 (r0->r1) |  b_0 b_1 b_2 b_3" in out and "(2.25x)" in out
+    assert "step   1  loss" in out
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ ENGINE is ``single`` (one process, no process group: the reference), one of
 as well: the refused route), ``ddp-buckets`` (DDP with 1 MB buckets: refused while
 Dynamo splits the graph per bucket, then trained as the example does) or ``refusals`` (every engine above with non-zero
 queries on a model whose stack changed after ``prepare``: each must raise).
+``pp-gpipe``, ``pp-1f1b``, ``pp-interleaved`` and ``pp-interleaved-cached`` train
+stages cut from one rewritten program (``single-pp``: that program in one process,
+micro-batch by micro-batch); BACKEND does not apply to them (stages run eagerly).
 MODEL is one of the example's models; BACKEND ``attnres`` (Inductor) or
 ``eager`` (the rewritten graph run eagerly). Every process gets the
 torchrun-style environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...).
@@ -26,7 +29,10 @@ import torch.distributed as dist
 
 import attnres_compile
 from attnres_compile import AttnResBackend
-from train_distributed import ENGINES, Parallel, build_model, full_state, global_batches, parallelize, train
+from train_distributed import (
+    ENGINES, Parallel, build_model, build_pipeline, full_state, global_batches, logits_of, next_token_loss, parallelize,
+    pipeline_program, train, train_pipeline,
+)
 
 VOCAB, LAYERS, WIDTH, GLOBAL_BATCH, SEQ, STEPS, LR = 64, 1, 16, 4, 9, 3, 0.5
 
@@ -134,12 +140,71 @@ def drop_last_block(model: torch.nn.Module) -> None:
     del blocks[str(len(blocks) - 1) if isinstance(blocks, torch.nn.ModuleDict) else -1]
 
 
+MICRO_BATCHES, PIPELINE_BLOCKS = 4, 4
+
+
+def program_of(model_name: str) -> torch.nn.Module:
+    """The model as one rewritten program for pipeline stages: 4 blocks, so 4 stages can each hold one."""
+    example, _, width = SIZES[model_name]
+    model = build_model(example, VOCAB, PIPELINE_BLOCKS, width, seed=0)
+    micro_batch = batches()[0][: GLOBAL_BATCH // MICRO_BATCHES, :-1]
+    return pipeline_program(model, micro_batch, attnres_compile.AttnResConfig(num_blocks=PIPELINE_BLOCKS))
+
+
+def run_single_pipeline(model_name: str, out: str) -> None:
+    """The whole program in one process, micro-batch by micro-batch, each loss divided by their number."""
+    program = program_of(model_name)
+    optimizer = torch.optim.SGD(program.parameters(), lr=LR)
+    size, losses = GLOBAL_BATCH // MICRO_BATCHES, []
+    for batch in batches():
+        optimizer.zero_grad()
+        total = 0.0
+        for m in range(MICRO_BATCHES):
+            rows = batch[m * size:(m + 1) * size]
+            loss = next_token_loss(logits_of(program(rows[:, :-1])), rows[:, 1:]) / MICRO_BATCHES
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        losses.append(total)
+    torch.save({"losses": losses, "state": {k: v.detach().clone() for k, v in program.state_dict().items()}}, out)
+
+
+def run_pipeline(schedule: str, cached: bool, model_name: str, out: str) -> None:
+    """Train through the pipeline; rank 0 saves the losses, every rank's parameters, and what each hop sent."""
+    program = program_of(model_name)
+    micro_batch = batches()[0][: GLOBAL_BATCH // MICRO_BATCHES, :-1]
+    pipeline = build_pipeline(program, micro_batch, schedule, cached, MICRO_BATCHES, "cpu")
+    losses = train_pipeline(pipeline, batches(), LR, "cpu")
+    mine = {id(p) for p in pipeline.parameters}
+    state = {k: v.detach().clone() for k, v in program.named_parameters(remove_duplicate=False) if id(v) in mine}
+    world = dist.get_world_size()
+    transfers = pipeline.split.example_transfers((micro_batch,), world, cached)
+    hops = {
+        stage: {"to_rank": pipeline.split.rank_of(stage + 1, world), "bytes": module.sent_bytes,
+                "summaries": module.summaries_sent(),
+                "declared": sum(t.numel() * t.element_size() for t in transfers[stage][1])}
+        for stage, module in pipeline.modules.items() if stage + 1 < pipeline.split.num_stages
+    }
+    gathered = [None] * world
+    dist.gather_object((state, hops), gathered if dist.get_rank() == 0 else None, dst=0)
+    if dist.get_rank() == 0:
+        merged_state = {k: v for rank_state, _ in gathered for k, v in rank_state.items()}
+        merged_hops = {stage: hop for _, rank_hops in gathered for stage, hop in rank_hops.items()}
+        torch.save({"losses": losses, "state": merged_state, "hops": merged_hops}, out)
+
+
 def main(engine: str, model_name: str, backend_name: str, out: str) -> None:
     if engine == "single":
         run_single(model_name, backend_name, out)
         return
+    if engine == "single-pp":
+        run_single_pipeline(model_name, out)
+        return
     dist.init_process_group("gloo")
-    if engine == "refusals":
+    if engine.startswith("pp-"):  # pp-<schedule>[-cached]
+        _, schedule, *cached = engine.split("-")
+        run_pipeline(schedule, bool(cached), model_name, out)
+    elif engine == "refusals":
         check_refusals(model_name)
     else:
         run_engine(engine, model_name, backend_name, out)
