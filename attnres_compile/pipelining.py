@@ -142,7 +142,7 @@ class PipelineSplit:
             else:
                 from_cache.append([])
                 received.append(list(incoming))
-            held[rank] |= set(incoming) | {n.name for n, st in self.stage_of.items() if st == s}
+            held[rank] |= set(incoming) | self._computed_in(s)
             if s + 1 < self.num_stages:
                 after = self.rank_of(s + 1, world)
                 sent.append([v for v in self.live[s] if not (cached and v in held[after])])
@@ -150,9 +150,11 @@ class PipelineSplit:
         for s in range(self.num_stages):
             rank = self.rank_of(s, world)
             later = {v for t in range(s + 1, self.num_stages) if self.rank_of(t, world) == rank for v in from_cache[t]}
-            have = set(received[s]) | {n.name for n, st in self.stage_of.items() if st == s}
-            kept.append([v for v in self._graph_order(later & have)])
+            kept.append(self._graph_order(later & (set(received[s]) | self._computed_in(s))))
         return TransferPlan(received=received, from_cache=from_cache, kept=kept, sent=sent)
+
+    def _computed_in(self, stage: int) -> set[str]:
+        return {n.name for n, s in self.stage_of.items() if s == stage}
 
     def _graph_order(self, names) -> list[str]:
         return [n.name for n in self.program.graph.nodes if n.name in names]
@@ -339,7 +341,7 @@ class _Keep(nn.Module):
 
 
 class StageModule(nn.Module):
-    """One stage: received values in, the values the next stage needs out; counts the bytes it sends."""
+    """One stage: received values in, the values the next stage needs out; logs what it sends (``sent_log``)."""
 
     def __init__(self, graph_module: fx.GraphModule, stage: int, plan: TransferPlan,
                  cache: Optional[StageCache], split: PipelineSplit):
@@ -349,7 +351,7 @@ class StageModule(nn.Module):
         self.from_cache = plan.from_cache[stage]
         self.sent_names = plan.sent[stage] if stage < len(plan.sent) else []
         self.cache = cache
-        self.sent_bytes: list[int] = []
+        self.sent_log: list[dict[str, int]] = []
         self._summaries = split.summaries
 
     def forward(self, *received: Tensor):
@@ -360,12 +362,17 @@ class StageModule(nn.Module):
         cached = [self.cache.take(microbatch, name) for name in self.from_cache]
         out = self.graph_module(*received, *cached)
         if self.sent_names:
-            self.sent_bytes.append(sum(t.numel() * t.element_size() for t in out))
+            self.sent_log.append({name: t.numel() * t.element_size() for name, t in zip(self.sent_names, out)})
         return out
 
-    def summaries_sent(self) -> list[str]:
-        """The block summaries (``b_k``) this stage sends on, per micro-batch."""
-        return [self._summaries[n] for n in self.sent_names if n in self._summaries]
+    @property
+    def sent_bytes(self) -> list[int]:
+        """Bytes this stage's forward sent, one entry per micro-batch it ran."""
+        return [sum(sent.values()) for sent in self.sent_log]
+
+    def summaries_sent(self) -> list[dict[str, int]]:
+        """Per micro-batch run: the block summaries (``"b_k"``) sent and their bytes, as counted when sent."""
+        return [{self._summaries[n]: size for n, size in sent.items() if n in self._summaries} for sent in self.sent_log]
 
 
 def sync_shared_gradients(split: PipelineSplit, rank: int, world: int, group=None) -> list[str]:
