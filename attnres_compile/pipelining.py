@@ -47,8 +47,9 @@ def _tag(node: fx.Node) -> Optional[dict]:
     return (node.meta.get("custom") or {}).get(TAG)
 
 
-def _blocks_of(graph: fx.Graph) -> int:
-    """Number of AttnRes blocks of the program's one stream (the final read's ``block``)."""
+def _count_of(graph: fx.Graph, unit: str) -> int:
+    """Number of AttnRes blocks (``unit="block"``) or residual layers (``"layer"``) of the program's one
+    stream: the final read's ``block`` or ``layer``."""
     tags = [t for t in map(_tag, graph.nodes) if t is not None]
     if not tags:
         raise ValueError("pipeline stages: the program has no Block AttnRes reads; rewrite it first (attnres_compile.rewrite)")
@@ -58,7 +59,7 @@ def _blocks_of(graph: fx.Graph) -> int:
             f"pipeline stages: the program has {len(streams)} residual streams (an encoder-decoder?); "
             "cutting stages across several streams is not supported"
         )
-    return max(t["block"] for t in tags)
+    return max(t[unit] for t in tags)
 
 
 def balanced_cuts(num_blocks: int, num_stages: int) -> list[int]:
@@ -71,19 +72,21 @@ def balanced_cuts(num_blocks: int, num_stages: int) -> list[int]:
     return [round(s * num_blocks / num_stages) for s in range(1, num_stages)]
 
 
-def _stage_of_nodes(graph: fx.Graph, cuts: Sequence[int]) -> dict[fx.Node, int]:
-    """The stage of every computing node: stage s starts at block ``cuts[s - 1]``'s first read.
+def _stage_of_nodes(graph: fx.Graph, cuts: Sequence[int], unit: str) -> dict[fx.Node, int]:
+    """The stage of every computing node: stage s starts at the first read of block (or layer) ``cuts[s - 1]``.
 
     A block's summary ``b_n`` is completed by a node tagged with block n (role
     ``partial``) just before that block's first read: it stays in the earlier
     stage, so the cut carries ``b_n`` rather than the two partial terms it sums.
+    A cut at a layer inside a block carries the block's partial sum and its
+    phase-1 read (every layer of the block merges with it) as well.
     """
     stage_of, stage = {}, 0
     for node in graph.nodes:
         if node.op in ("get_attr", "output") or (node.op == "call_module" and node.target == "_guards_fn"):
             continue
         tag = _tag(node)
-        while stage < len(cuts) and tag is not None and tag["block"] >= cuts[stage] and tag["role"] != "partial":
+        while stage < len(cuts) and tag is not None and tag[unit] >= cuts[stage] and tag["role"] != "partial":
             stage += 1
         stage_of[node] = stage
     return stage_of
@@ -213,7 +216,8 @@ class PipelineSplit:
             output = next(n for n in self.program.graph.nodes if n.op == "output")
             graph.output(fx.map_arg(output.args[0], lambda n: env[n]))
         else:
-            graph.output(tuple(env[self._nodes[name]] for name in plan.sent[stage]))
+            # The kept values follow the sends: StageModule puts them on the sends' backward path.
+            graph.output(tuple(env[self._nodes[name]] for name in plan.sent[stage] + plan.kept[stage]))
         root = nn.Module()
         for node in graph.nodes:
             if node.op == "get_attr":
@@ -244,19 +248,29 @@ class TransferPlan:
     sent: list[list[str]]
 
 
-def split_stages(program: fx.GraphModule, num_stages: int, cuts: Optional[Sequence[int]] = None) -> PipelineSplit:
-    """Cut a rewritten program into ``num_stages`` stages between AttnRes blocks.
+def split_stages(
+    program: fx.GraphModule, num_stages: int, cuts: Optional[Sequence[int]] = None, *, unit: str = "block"
+) -> PipelineSplit:
+    """Cut a rewritten program into ``num_stages`` stages.
 
-    ``cuts`` are the blocks that start stages 1 .. num_stages - 1 (default:
-    :func:`balanced_cuts`), strictly increasing, each from 1 to the number of blocks.
+    ``cuts`` are the blocks (``unit="block"``) or residual layers (``unit="layer"``,
+    a cut that may fall inside a block) that start stages 1 .. num_stages - 1,
+    strictly increasing, each from 1 to the number of blocks or layers; the
+    default spreads the blocks evenly (:func:`balanced_cuts`).
     """
-    num_blocks = _blocks_of(program.graph)
-    cuts = list(cuts) if cuts is not None else balanced_cuts(num_blocks, num_stages)
-    if len(cuts) != num_stages - 1 or any(not 1 <= c <= num_blocks for c in cuts) or cuts != sorted(set(cuts)):
+    if unit not in ("block", "layer"):
+        raise ValueError(f"pipeline stages: unit must be 'block' or 'layer', got {unit!r}")
+    count = _count_of(program.graph, unit)
+    if cuts is None:
+        if unit != "block":
+            raise ValueError("pipeline stages: cuts counted in layers must be given")
+        cuts = balanced_cuts(count, num_stages)
+    cuts = list(cuts)
+    if len(cuts) != num_stages - 1 or any(not 1 <= c <= count for c in cuts) or cuts != sorted(set(cuts)):
         raise ValueError(
-            f"pipeline stages: cuts {cuts} must be {num_stages - 1} strictly increasing blocks in 1..{num_blocks}"
+            f"pipeline stages: cuts {cuts} must be {num_stages - 1} strictly increasing {unit}s in 1..{count}"
         )
-    stage_of = _stage_of_nodes(program.graph, cuts)
+    stage_of = _stage_of_nodes(program.graph, cuts, unit)
     last_use = {}
     for node in program.graph.nodes:
         user_stage = num_stages - 1 if node.op == "output" else stage_of.get(node)
@@ -327,6 +341,37 @@ class _AddLaterGradients(torch.autograd.Function):
         return (grad if later is None else grad + later), None, None
 
 
+class _Attach(torch.autograd.Function):
+    """``value`` unchanged; in the backward, zero gradients for ``others``, so that their backward runs."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, *others: Tensor) -> Tensor:
+        ctx.others = [(o.shape, o.dtype, o.device) for o in others]
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        zeros = [
+            torch.zeros(shape, dtype=dtype, device=device) if needed else None
+            for (shape, dtype, device), needed in zip(ctx.others, ctx.needs_input_grad[1:])
+        ]
+        return (grad, *zeros)
+
+
+def _with_gradients_of(sent: tuple[Tensor, ...], kept: tuple[Tensor, ...], stage: int) -> tuple[Tensor, ...]:
+    """``sent``, with every kept value on the backward path of its first floating-point tensor.
+
+    A value a stage keeps only for a later stage of its rank (received, not read
+    here, not sent on) would otherwise be left out of this stage's backward, and
+    with it the gradient the later stage gave its copy.
+    """
+    carriers = [i for i, t in enumerate(sent) if t.is_floating_point()]
+    if not carriers:
+        raise ValueError(f"pipeline stages: stage {stage} sends no floating-point value to carry gradients back")
+    first = carriers[0]
+    return sent[:first] + (_Attach.apply(sent[first], *kept),) + sent[first + 1:]
+
+
 class _Keep(nn.Module):
     """A stage graph's call into its rank's cache (``StageModule`` sets ``cache`` and the micro-batch)."""
 
@@ -350,6 +395,7 @@ class StageModule(nn.Module):
         self.stage = stage
         self.from_cache = plan.from_cache[stage]
         self.sent_names = plan.sent[stage] if stage < len(plan.sent) else []
+        self.kept_names = plan.kept[stage]
         self.cache = cache
         self.sent_log: list[dict[str, int]] = []
         self._summaries = split.summaries
@@ -361,6 +407,9 @@ class StageModule(nn.Module):
                 module.cache, module.microbatch = self.cache, microbatch
         cached = [self.cache.take(microbatch, name) for name in self.from_cache]
         out = self.graph_module(*received, *cached)
+        if self.kept_names:
+            sent, kept = tuple(out[:len(self.sent_names)]), tuple(out[len(self.sent_names):])
+            out = _with_gradients_of(sent, kept, self.stage)
         if self.sent_names:
             self.sent_log.append({name: t.numel() * t.element_size() for name, t in zip(self.sent_names, out)})
         return out

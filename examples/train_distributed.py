@@ -270,7 +270,7 @@ class Pipeline:
 
 
 def build_pipeline(program: nn.Module, micro_batch: Tensor, schedule_name: str, cached: bool, n_microbatches: int,
-                   device: str) -> Pipeline:
+                   device: str, cuts: Optional[list[int]] = None) -> Pipeline:
     """Stages cut from ``program`` (one per rank, two per rank for the interleaved schedule) and their schedule.
 
     ``micro_batch`` is one micro-batch of input ids, for the stages' shapes.
@@ -284,7 +284,7 @@ def build_pipeline(program: nn.Module, micro_batch: Tensor, schedule_name: str, 
 
     rank, world = dist.get_rank(), dist.get_world_size()
     num_stages = world * (2 if schedule_name == "interleaved" else 1)
-    split = split_stages(program, num_stages)
+    split = split_stages(program, num_stages, cuts)
     cache = StageCache() if cached else None
     mine = split.stages_of_rank(rank, world)
     modules = {s: split.stage_module(s, world, cache) for s in mine}
@@ -372,7 +372,8 @@ def main_pipeline(args: argparse.Namespace, model: nn.Module, batches: list[Tens
         raise ValueError(f"--batch {args.batch} does not split into {args.micro_batches} micro-batches")
     micro_batch = batches[0][: args.batch // args.micro_batches, :-1].to(device)
     program = pipeline_program(model, micro_batch, config)
-    pipeline = build_pipeline(program, micro_batch, args.schedule, not args.no_cache, args.micro_batches, device)
+    pipeline = build_pipeline(program, micro_batch, args.schedule, not args.no_cache, args.micro_batches, device,
+                              args.cuts)
     if rank == 0:
         split = pipeline.split
         log.info("%s, %s schedule, %d stages on %d processes (stage s on rank s %% %d), stages start at blocks %s, "
@@ -406,6 +407,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--schedule", choices=SCHEDULES, default="interleaved",
                         help="pp: the pipeline schedule (interleaved: two stages per process)")
     parser.add_argument("--micro-batches", type=int, default=4, help="pp: micro-batches per step")
+    parser.add_argument("--cuts", type=lambda text: [int(c) for c in text.split(",")], default=None,
+                        help="pp: the blocks that start stages 1.. (e.g. 1,2,3); default: blocks spread evenly")
     parser.add_argument("--no-cache", action="store_true",
                         help="pp: send every live block summary at every hop instead of caching them per rank")
     parser.add_argument("--eager", action="store_true",

@@ -164,7 +164,9 @@ PIPELINES = [
     "pp-interleaved-cached",
     pytest.param("pp-interleaved", marks=pytest.mark.slow),
     pytest.param("pp-gpipe", marks=pytest.mark.slow),
+    pytest.param("pp-gpipe-cached", marks=pytest.mark.slow),
     pytest.param("pp-1f1b", marks=pytest.mark.slow),
+    pytest.param("pp-1f1b-cached", marks=pytest.mark.slow),
 ]
 
 

@@ -38,8 +38,10 @@ def test_balanced_cuts_spread_blocks_and_refuse_more_stages_than_blocks():
 def test_bad_cuts_and_unrewritten_programs_are_refused(program):
     with pytest.raises(ValueError, match="strictly increasing"):
         split_stages(program, 3, cuts=[2, 2])
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(ValueError, match="strictly increasing blocks in 1..4"):
         split_stages(program, 2, cuts=[5])
+    with pytest.raises(ValueError, match="strictly increasing layers in 1..8"):
+        split_stages(program, 2, cuts=[9], unit="layer")
     model, args, _ = tiny_gpt(n_layer=2, d_model=16)
     with pytest.raises(ValueError, match="no Block AttnRes reads; rewrite it first"):
         split_stages(torch.export.export(model, args, strict=False).module(), 2)
@@ -86,8 +88,19 @@ def _emulated_pipeline(split, cached, x, y):
     return total
 
 
+def test_a_cut_inside_a_block_carries_its_partial_and_its_phase_one_read(program):
+    """Layers 2 and 3 form block 1: a cut at layer 3 sends layer 2's branch output and block 1's (o, lse)."""
+    by_block, by_layer = split_stages(program, 2, cuts=[1]), split_stages(program, 2, cuts=[3], unit="layer")
+    plan = by_layer.plan(world=2, cached=False)
+    assert [by_layer.summaries[n] for n in plan.sent[0] if n in by_layer.summaries] == ["b_0", "b_1"]
+    roles = [(by_layer._nodes[n].meta.get("custom") or {}).get("attnres", {}).get("role") for n in plan.sent[0]]
+    assert roles.count("block_read_output") == 2  # o and lse of block 1's phase-1 read
+    assert len(plan.sent[0]) == 5 and len(by_block.plan(world=2, cached=False).sent[0]) == 2
+
+
+@pytest.mark.parametrize("cut", ["blocks", "layers"])
 @pytest.mark.parametrize("cached", [False, True], ids=["naive", "cached"])
-def test_stages_chained_give_the_programs_loss_and_gradients(program, cached):
+def test_stages_chained_give_the_programs_loss_and_gradients(program, cached, cut):
     """A cached value's gradient from a later stage of its rank reaches the stage that kept it."""
     batch = torch.randint(0, VOCAB, (MICRO_BATCHES, 10), generator=torch.Generator().manual_seed(1))
     x, y = batch[:, :-1], batch[:, 1:]
@@ -100,7 +113,8 @@ def test_stages_chained_give_the_programs_loss_and_gradients(program, cached):
         (next_token_loss(logits_of(program(x[m:m + 1])), y[m:m + 1]) / MICRO_BATCHES).backward()
     want = {n: p.grad.clone() for n, p in program.named_parameters()}
     program.zero_grad()
-    got_loss = _emulated_pipeline(split_stages(program, 4), cached, x, y)
+    split = split_stages(program, 4) if cut == "blocks" else split_stages(program, 4, cuts=[3, 4, 7], unit="layer")
+    got_loss = _emulated_pipeline(split, cached, x, y)
     assert got_loss == pytest.approx(want_loss, rel=1e-6)
     for name, parameter in program.named_parameters():
         torch.testing.assert_close(parameter.grad, want[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
