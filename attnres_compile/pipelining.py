@@ -9,7 +9,8 @@
     stages = [PipelineStage(m, s, 4, device, input_args=shapes[s][0], output_args=shapes[s][1])
               for s, m in modules.items()]
     schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn, scale_grads=False)
-    cache.start_step(); schedule.step(...); sync_shared_gradients(split, rank, world)
+    shared = split.shared_parameters(world)
+    cache.start_step(); schedule.step(...); sync_shared_gradients(shared)
 
 A stage is the part of the program between two cuts. What crosses a cut is
 every value computed before it and read after it: the completed block
@@ -38,19 +39,15 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .passes.reads import TAG
+from .passes.reads import tag_of
 
 __all__ = ["PipelineSplit", "StageCache", "split_stages", "sync_shared_gradients"]
-
-
-def _tag(node: fx.Node) -> Optional[dict]:
-    return (node.meta.get("custom") or {}).get(TAG)
 
 
 def _count_of(graph: fx.Graph, unit: str) -> int:
     """Number of AttnRes blocks (``unit="block"``) or residual layers (``"layer"``) of the program's one
     stream: the final read's ``block`` or ``layer``."""
-    tags = [t for t in map(_tag, graph.nodes) if t is not None]
+    tags = [t for t in map(tag_of, graph.nodes) if t is not None]
     if not tags:
         raise ValueError("pipeline stages: the program has no Block AttnRes reads; rewrite it first (attnres_compile.rewrite)")
     streams = {t["stream"] for t in tags}
@@ -85,7 +82,7 @@ def _stage_of_nodes(graph: fx.Graph, cuts: Sequence[int], unit: str) -> dict[fx.
     for node in graph.nodes:
         if node.op in ("get_attr", "output") or (node.op == "call_module" and node.target == "_guards_fn"):
             continue
-        tag = _tag(node)
+        tag = tag_of(node)
         while stage < len(cuts) and tag is not None and tag[unit] >= cuts[stage] and tag["role"] != "partial":
             stage += 1
         stage_of[node] = stage
@@ -96,7 +93,7 @@ def _summary_names(graph: fx.Graph) -> dict[str, str]:
     """Node name -> ``"b_k"`` for every completed block summary the reads weigh."""
     names = {}
     for node in graph.nodes:
-        tag = _tag(node)
+        tag = tag_of(node)
         if tag is not None and tag["role"] in ("block_read", "read"):
             for label, source in zip(tag["sources"], node.args[0]):
                 if label.startswith("b_"):
@@ -199,10 +196,6 @@ class PipelineSplit:
             for node in self.program.graph.nodes:
                 if node.op == "placeholder":
                     env[node] = graph.placeholder(node.name)
-        kept = set(plan.kept[stage])
-        for name in plan.received[stage] + plan.from_cache[stage]:
-            if name in kept:
-                env[self._nodes[name]] = graph.call_module(f"keep_{name}", (env[self._nodes[name]],))
         for node in self.program.graph.nodes:
             if self.stage_of.get(node) != stage or node.op == "placeholder":
                 continue
@@ -210,21 +203,27 @@ class PipelineSplit:
                 if used.op == "get_attr" and used not in env:
                     env[used] = graph.get_attr(used.target)
             env[node] = graph.node_copy(node, lambda n: env[n])
-            if node.name in kept:
-                env[node] = graph.call_module(f"keep_{node.name}", (env[node],))
         if stage == self.num_stages - 1:
             output = next(n for n in self.program.graph.nodes if n.op == "output")
             graph.output(fx.map_arg(output.args[0], lambda n: env[n]))
         else:
-            # The kept values follow the sends: StageModule puts them on the sends' backward path.
+            # The kept values follow the sends: StageModule keeps them and carries their later gradients.
             graph.output(tuple(env[self._nodes[name]] for name in plan.sent[stage] + plan.kept[stage]))
-        root = nn.Module()
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                _set_attr(root, node.target, _get_attr(self.program, node.target))
-        for name in kept:
-            root.add_module(f"keep_{name}", _Keep(name))
-        return fx.GraphModule(root, graph)
+        return fx.GraphModule(self.program, graph)  # takes the parameters its get_attr nodes read, shared
+
+    def shared_parameters(self, world: int) -> list[nn.Parameter]:
+        """The parameters stages on several ranks read (the queries, a tied embedding), in name order.
+
+        A tied weight is one parameter under two names (``tok_emb.weight``,
+        ``lm_head.weight``): it is listed once.
+        """
+        readers: dict[int, set[int]] = {}
+        parameters: dict[int, tuple[str, nn.Parameter]] = {}
+        for stage in range(self.num_stages):
+            for name, parameter in self.parameters_of_stage(stage).items():
+                readers.setdefault(id(parameter), set()).add(self.rank_of(stage, world))
+                parameters.setdefault(id(parameter), (name, parameter))
+        return [p for _, p in sorted((parameters[k] for k, ranks in readers.items() if len(ranks) > 1), key=lambda item: item[0])]
 
     def parameters_of_stage(self, stage: int) -> dict[str, nn.Parameter]:
         """The program's parameters that ``stage`` reads, by their names in the program."""
@@ -312,9 +311,8 @@ class StageCache:
         self._forwards[stage] = count + 1
         return count
 
-    def keep(self, microbatch: int, name: str, value: Tensor) -> Tensor:
+    def keep(self, microbatch: int, name: str, value: Tensor) -> None:
         self._values[microbatch, name] = value
-        return _AddLaterGradients.apply(value, self, (microbatch, name)) if value.requires_grad else value
 
     def take(self, microbatch: int, name: str) -> Tensor:
         value = self._values[microbatch, name]
@@ -328,61 +326,22 @@ class StageCache:
 
 
 class _AddLaterGradients(torch.autograd.Function):
-    """Identity whose backward adds the gradients later stages on this rank gave the cached copies."""
+    """``value`` unchanged; in the backward, each kept value gets the gradient later stages gave its copies.
 
-    @staticmethod
-    def forward(ctx, value: Tensor, cache: StageCache, key: tuple[int, str]) -> Tensor:
-        ctx.cache, ctx.key = cache, key
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        later = ctx.cache.later_gradient(ctx.key)
-        return (grad if later is None else grad + later), None, None
-
-
-class _Attach(torch.autograd.Function):
-    """``value`` unchanged; in the backward, zero gradients for ``others``, so that their backward runs."""
-
-    @staticmethod
-    def forward(ctx, value: Tensor, *others: Tensor) -> Tensor:
-        ctx.others = [(o.shape, o.dtype, o.device) for o in others]
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        zeros = [
-            torch.zeros(shape, dtype=dtype, device=device) if needed else None
-            for (shape, dtype, device), needed in zip(ctx.others, ctx.needs_input_grad[1:])
-        ]
-        return (grad, *zeros)
-
-
-def _with_gradients_of(sent: tuple[Tensor, ...], kept: tuple[Tensor, ...], stage: int) -> tuple[Tensor, ...]:
-    """``sent``, with every kept value on the backward path of its first floating-point tensor.
-
-    A value a stage keeps only for a later stage of its rank (received, not read
-    here, not sent on) would otherwise be left out of this stage's backward, and
-    with it the gradient the later stage gave its copy.
+    Hanging the kept values on a value the stage sends puts them on the stage's
+    backward path, also one the stage only keeps (received, not read here, not
+    sent on); autograd adds this gradient to whatever the stage's own uses give.
     """
-    carriers = [i for i, t in enumerate(sent) if t.is_floating_point()]
-    if not carriers:
-        raise ValueError(f"pipeline stages: stage {stage} sends no floating-point value to carry gradients back")
-    first = carriers[0]
-    return sent[:first] + (_Attach.apply(sent[first], *kept),) + sent[first + 1:]
 
+    @staticmethod
+    def forward(ctx, value: Tensor, cache: StageCache, keys: list[tuple[int, str]], *kept: Tensor) -> Tensor:
+        ctx.cache, ctx.keys = cache, keys
+        return value.view_as(value)
 
-class _Keep(nn.Module):
-    """A stage graph's call into its rank's cache (``StageModule`` sets ``cache`` and the micro-batch)."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-        self.cache: Optional[StageCache] = None
-        self.microbatch = 0
-
-    def forward(self, value: Tensor) -> Tensor:
-        return self.cache.keep(self.microbatch, self.name, value)
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        later = [ctx.cache.later_gradient(key) if needed else None for key, needed in zip(ctx.keys, ctx.needs_input_grad[3:])]
+        return (grad, None, None, *later)
 
 
 class StageModule(nn.Module):
@@ -402,17 +361,26 @@ class StageModule(nn.Module):
 
     def forward(self, *received: Tensor):
         microbatch = self.cache.next_microbatch(self.stage) if self.cache is not None else 0
-        for module in self.graph_module.modules():
-            if isinstance(module, _Keep):
-                module.cache, module.microbatch = self.cache, microbatch
         cached = [self.cache.take(microbatch, name) for name in self.from_cache]
         out = self.graph_module(*received, *cached)
         if self.kept_names:
-            sent, kept = tuple(out[:len(self.sent_names)]), tuple(out[len(self.sent_names):])
-            out = _with_gradients_of(sent, kept, self.stage)
+            out = self._keep(tuple(out), microbatch)
         if self.sent_names:
             self.sent_log.append({name: t.numel() * t.element_size() for name, t in zip(self.sent_names, out)})
         return out
+
+    def _keep(self, out: tuple[Tensor, ...], microbatch: int) -> tuple[Tensor, ...]:
+        """Keep the values that follow the sends in ``out``; return the sends, the first floating one carrying
+        the kept values' later gradients."""
+        sent, kept = out[:len(self.sent_names)], out[len(self.sent_names):]
+        for name, value in zip(self.kept_names, kept):
+            self.cache.keep(microbatch, name, value)
+        carriers = [i for i, t in enumerate(sent) if t.is_floating_point()]
+        if not carriers:
+            raise ValueError(f"pipeline stages: stage {self.stage} sends no floating-point value to carry gradients back")
+        first = carriers[0]
+        keys = [(microbatch, name) for name in self.kept_names]
+        return sent[:first] + (_AddLaterGradients.apply(sent[first], self.cache, keys, *kept),) + sent[first + 1:]
 
     @property
     def sent_bytes(self) -> list[int]:
@@ -424,45 +392,15 @@ class StageModule(nn.Module):
         return [{self._summaries[n]: size for n, size in sent.items() if n in self._summaries} for sent in self.sent_log]
 
 
-def sync_shared_gradients(split: PipelineSplit, rank: int, world: int, group=None) -> list[str]:
-    """Sum, across ranks, the gradients of parameters read by stages on several ranks; their names.
+def sync_shared_gradients(shared: list[nn.Parameter], group=None) -> None:
+    """Sum, across ranks, the gradients of ``split.shared_parameters(world)``; after each step's backward.
 
-    Every rank calls it after each step's backward, in the same order; a rank
-    none of whose stages reads a shared parameter adds zeros. A tied weight is
-    one parameter under two names (``tok_emb.weight``, ``lm_head.weight``):
-    it is summed once.
+    Every rank calls it with the same list; a rank none of whose stages reads
+    a shared parameter adds zeros.
     """
     import torch.distributed as dist
 
-    readers: dict[int, set[int]] = {}
-    parameters: dict[int, tuple[str, nn.Parameter]] = {}
-    for stage in range(split.num_stages):
-        for name, parameter in split.parameters_of_stage(stage).items():
-            readers.setdefault(id(parameter), set()).add(split.rank_of(stage, world))
-            parameters.setdefault(id(parameter), (name, parameter))
-    shared = sorted((parameters[key] for key, ranks in readers.items() if len(ranks) > 1), key=lambda item: item[0])
-    for _, parameter in shared:
+    for parameter in shared:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
         dist.all_reduce(parameter.grad, group=group)
-    return [name for name, _ in shared]
-
-
-def _get_attr(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _set_attr(root: nn.Module, target: str, value) -> None:
-    *path, last = target.split(".")
-    for part in path:
-        if not hasattr(root, part):
-            root.add_module(part, nn.Module())
-        root = getattr(root, part)
-    if isinstance(value, nn.Parameter):
-        root.register_parameter(last, value)
-    elif isinstance(value, Tensor):
-        root.register_buffer(last, value)
-    else:
-        setattr(root, last, value)

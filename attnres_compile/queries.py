@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import AttnResConfig
+from .passes.graph import topo_index
 from .passes.plan import Plan, StreamLayout
 from .tracing import with_own_dynamo_cache
 
@@ -67,7 +68,7 @@ def guard_zero_queries(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     sharded parameter's parametrization made of it (SimpleFSDP all-gathers the
     shards, ``redistribute(...).to_local()``), which no graph input holds.
     """
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = topo_index(gm.graph)
     with gm.graph.inserting_after(max(nodes, key=order.__getitem__)):
         gm.graph.call_function(_refuse_non_zero_queries, tuple(nodes))
     gm.recompile()

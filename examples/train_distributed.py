@@ -267,6 +267,8 @@ class Pipeline:
     schedule: object
     cache: Optional[object]
     parameters: list
+    shared: list  # parameters stages on several ranks read: their gradients are summed across ranks
+    transfers: list  # what each stage takes and gives for one micro-batch (PipelineSplit.example_transfers)
 
 
 def build_pipeline(program: nn.Module, micro_batch: Tensor, schedule_name: str, cached: bool, n_microbatches: int,
@@ -288,9 +290,10 @@ def build_pipeline(program: nn.Module, micro_batch: Tensor, schedule_name: str, 
     cache = StageCache() if cached else None
     mine = split.stages_of_rank(rank, world)
     modules = {s: split.stage_module(s, world, cache) for s in mine}
-    shapes = split.example_transfers((micro_batch.to(device),), world, cached)
+    transfers = split.example_transfers((micro_batch.to(device),), world, cached)
     stages = [
-        PipelineStage(modules[s], s, num_stages, torch.device(device), input_args=shapes[s][0], output_args=shapes[s][1])
+        PipelineStage(modules[s], s, num_stages, torch.device(device), input_args=transfers[s][0],
+                      output_args=transfers[s][1])
         for s in mine
     ]
 
@@ -303,7 +306,7 @@ def build_pipeline(program: nn.Module, micro_batch: Tensor, schedule_name: str, 
         kind = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
         schedule = kind(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
     parameters = list({id(p): p for s in mine for p in split.parameters_of_stage(s).values()}.values())
-    return Pipeline(split, modules, schedule, cache, parameters)
+    return Pipeline(split, modules, schedule, cache, parameters, split.shared_parameters(world), transfers)
 
 
 def train_pipeline(pipeline: Pipeline, batches: list[Tensor], lr: float, device: str,
@@ -311,7 +314,6 @@ def train_pipeline(pipeline: Pipeline, batches: list[Tensor], lr: float, device:
     """SGD through the pipeline on each global batch; the batch's mean loss of every step."""
     from attnres_compile.pipelining import sync_shared_gradients
 
-    rank, world = dist.get_rank(), dist.get_world_size()
     num_stages = pipeline.split.num_stages
     optimizer = torch.optim.SGD(pipeline.parameters, lr=lr)
     losses = []
@@ -324,7 +326,7 @@ def train_pipeline(pipeline: Pipeline, batches: list[Tensor], lr: float, device:
         args = (x,) if 0 in pipeline.modules else ()
         kwargs = {"target": y, "losses": micro_losses} if num_stages - 1 in pipeline.modules else {}
         pipeline.schedule.step(*args, **kwargs)
-        sync_shared_gradients(pipeline.split, rank, world)
+        sync_shared_gradients(pipeline.shared)
         optimizer.step()
         total = torch.tensor(float(sum(l.item() for l in micro_losses)))
         dist.all_reduce(total)  # only the last stage's rank has the loss

@@ -65,6 +65,17 @@ def batches():
     return global_batches(VOCAB, GLOBAL_BATCH, SEQ, STEPS)
 
 
+def parallelize_for_test(model: torch.nn.Module, engine: str) -> Parallel:
+    """The example's engines, and ``fsdp2-blocks``: FSDP2 on every block of the tiny GPT, then on the root."""
+    if engine == "fsdp2-blocks":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        engine = "fsdp2-root"
+    return parallelize(model, engine, "cpu")
+
+
 def refuse_ddp_buckets(model: torch.nn.Module) -> None:
     """DDP's buckets cut the stack into graphs (DDPOptimizer): the compile must fail, naming the setting."""
     from torch.nn.parallel import DistributedDataParallel
@@ -85,14 +96,7 @@ def run_engine(engine: str, model_name: str, backend_name: str, out: str) -> Non
     if engine == "ddp-buckets":
         refuse_ddp_buckets(model)
         engine = "ddp"
-    if engine == "fsdp2-blocks":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        parallel = parallelize(model, "fsdp2-root", "cpu")
-    else:
-        parallel = parallelize(model, engine, "cpu")
+    parallel = parallelize_for_test(model, engine)
     losses = train(torch.compile(parallel.module, backend=backend), model, parallel, batches(), LR, "cpu")
     state = full_state(model)
     if dist.get_rank() == 0:
@@ -117,14 +121,7 @@ def check_refusals(model_name: str) -> None:
             for q in model.attnres.queries:
                 q.fill_(0.1)
         drop_last_block(model)
-        if engine == "fsdp2-blocks":
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.blocks:
-                fully_shard(block)
-            engine_module = parallelize(model, "fsdp2-root", "cpu").module
-        else:
-            engine_module = parallelize(model, engine, "cpu").module
+        engine_module = parallelize_for_test(model, engine).module
         torch._dynamo.reset()
         try:
             torch.compile(engine_module, backend=make_backend("eager"))(batches()[0][:2, :-1])
@@ -144,12 +141,16 @@ def drop_last_block(model: torch.nn.Module) -> None:
 MICRO_BATCHES, PIPELINE_BLOCKS = 4, 4
 
 
+def micro_batch() -> torch.Tensor:
+    """The input ids of the first micro-batch: the shapes every micro-batch has."""
+    return batches()[0][: GLOBAL_BATCH // MICRO_BATCHES, :-1]
+
+
 def program_of(model_name: str) -> torch.nn.Module:
     """The model as one rewritten program for pipeline stages: 4 blocks, so 4 stages can each hold one."""
     example, _, width = SIZES[model_name]
     model = build_model(example, VOCAB, PIPELINE_BLOCKS, width, seed=0)
-    micro_batch = batches()[0][: GLOBAL_BATCH // MICRO_BATCHES, :-1]
-    return pipeline_program(model, micro_batch, attnres_compile.AttnResConfig(num_blocks=PIPELINE_BLOCKS))
+    return pipeline_program(model, micro_batch(), attnres_compile.AttnResConfig(num_blocks=PIPELINE_BLOCKS))
 
 
 def run_single_pipeline(model_name: str, out: str) -> None:
@@ -173,17 +174,15 @@ def run_single_pipeline(model_name: str, out: str) -> None:
 def run_pipeline(schedule: str, cached: bool, model_name: str, out: str) -> None:
     """Train through the pipeline; rank 0 saves the losses, every rank's parameters, and what each hop sent."""
     program = program_of(model_name)
-    micro_batch = batches()[0][: GLOBAL_BATCH // MICRO_BATCHES, :-1]
-    pipeline = build_pipeline(program, micro_batch, schedule, cached, MICRO_BATCHES, "cpu")
+    pipeline = build_pipeline(program, micro_batch(), schedule, cached, MICRO_BATCHES, "cpu")
     losses = train_pipeline(pipeline, batches(), LR, "cpu")
     mine = {id(p) for p in pipeline.parameters}
     state = {k: v.detach().clone() for k, v in program.named_parameters(remove_duplicate=False) if id(v) in mine}
     world = dist.get_world_size()
-    transfers = pipeline.split.example_transfers((micro_batch,), world, cached)
     hops = {
         stage: {"to_rank": pipeline.split.rank_of(stage + 1, world), "bytes": module.sent_bytes,
                 "summaries": module.summaries_sent(),
-                "declared": sum(t.numel() * t.element_size() for t in transfers[stage][1])}
+                "declared": sum(t.numel() * t.element_size() for t in pipeline.transfers[stage][1])}
         for stage, module in pipeline.modules.items() if stage + 1 < pipeline.split.num_stages
     }
     gathered = [None] * world
