@@ -41,6 +41,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from .graph import topo_index
+
 CHECKPOINT_OP = torch.ops.higher_order.tag_activation_checkpoint
 _POLICY_KEY = "_checkpoint_context_fn"
 SELECTIVE_KEY = "attnres_selective_region"
@@ -182,7 +184,7 @@ def _sort_in_place(graph: fx.Graph) -> None:
     """
     import heapq
 
-    position = {node: i for i, node in enumerate(graph.nodes)}
+    position = topo_index(graph)
     waiting = {node: len(node.all_input_nodes) for node in graph.nodes}
     ready = [(position[n], n.name, n) for n, count in waiting.items() if count == 0]
     heapq.heapify(ready)
