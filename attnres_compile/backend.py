@@ -22,8 +22,10 @@ Inductor cannot take as an input (:func:`_specialize_eps_inputs`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,6 +35,7 @@ from .config import AttnResConfig
 from .kernels import ops
 from .core import NO_STREAM, PipelineResult, QueryMismatch, UnpreparedQueries, run_pipeline
 from .passes.plan import Plan
+from .passes.recompute import recompute_partials
 from .queries import QueryBinding, guard_zero_queries
 
 log = logging.getLogger("attnres_compile")
@@ -54,6 +57,7 @@ def compile_graph(
     on_rewrite: Optional[Callable[[Plan], None]] = None,
     mode: Optional[str] = None,
     options: Optional[dict[str, Any]] = None,
+    recompute: bool = True,
 ) -> Callable:
     """The backend's work on one Dynamo graph: the pipeline, then Inductor (or eager).
 
@@ -63,6 +67,8 @@ def compile_graph(
     ``on_rewrite`` gets the plan once the rewritten graph is compiled: a
     compile that Dynamo abandons and restarts (with ``dynamic=True`` it
     restarts once to specialize the model's Python floats) is not reported.
+    ``recompute``: the backward recomputes the intra-block partials from the
+    branches' last matrix products instead of keeping them (``passes.recompute``).
     """
     _specialize_eps_inputs(gm)
     try:
@@ -77,7 +83,9 @@ def compile_graph(
         return _unrewritten(gm, result.binding)
     log.info("attnres: rewrote graph\n%s", result.plan.summary())
     if inductor:
-        compiled = _inductor(gm, example_inputs, result.plan, inductor_config_patches(mode, options))
+        if recompute:
+            _recompute_partials(gm)
+        compiled = _inductor(gm, example_inputs, result.plan, inductor_config_patches(mode, options), recompute)
     else:
         if mode or options:
             log.info("attnres: mode=%r, options=%r are Inductor's; the eager reference ignores them", mode, options)
@@ -85,6 +93,18 @@ def compile_graph(
     if on_rewrite is not None:
         on_rewrite(result.plan)
     return compiled
+
+
+def _recompute_partials(gm: fx.GraphModule) -> None:
+    """Tag the partials for recomputation in the backward, and say which stay kept and why."""
+    report = recompute_partials(gm.graph)
+    if report.kept:
+        log.info(
+            "attnres: %d intra-block partial(s) recomputed in the backward, %d kept for it: %s",
+            len(report.recomputed), len(report.kept), "; ".join(f"{name}: {why}" for name, why in report.kept),
+        )
+    elif report.recomputed:
+        log.debug("attnres: %d intra-block partial(s) recomputed in the backward", len(report.recomputed))
 
 
 def _refuse_ddp_buckets(result: PipelineResult) -> None:
@@ -164,7 +184,9 @@ def inductor_config_patches(mode: Optional[str], options: Optional[dict[str, Any
     return dict(torch._TorchCompileInductorWrapper(mode, options, dynamic=None).config)
 
 
-def _inductor(gm: fx.GraphModule, example_inputs: list, plan: Plan, config_patches: dict[str, Any]) -> Callable:
+def _inductor(
+    gm: fx.GraphModule, example_inputs: list, plan: Plan, config_patches: dict[str, Any], recompute: bool
+) -> Callable:
     """``compile_fx``, said in the log: what goes in, and how long the forward took (the backward compiles later)."""
     from torch._inductor.compile_fx import compile_fx
 
@@ -176,7 +198,7 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, plan: Plan, config_patch
         f"; settings {config_patches}" if config_patches else "",
     )
     start = time.perf_counter()
-    with ops.use_reference_reads(mode), torch.compiler.config.patch(cache_key_tag=_cache_key_tag(example_inputs)):
+    with ops.use_reference_reads(mode), torch.compiler.config.patch(cache_key_tag=_cache_key_tag(example_inputs, recompute)):
         compiled = compile_fx(gm, example_inputs, config_patches=config_patches or None)
     log.info("attnres: compiled in %.1f s (a training graph's backward compiles at its first backward)", time.perf_counter() - start)
     return compiled
@@ -200,19 +222,30 @@ def _reference_reads_for(example_inputs: list) -> str:
     return "extern" if needs_backward else "traced"
 
 
-def _cache_key_tag(example_inputs: list) -> str:
-    """The user's cache-key tag plus what the caches' own keys miss: our ops' bodies, and local shard shapes.
+def _cache_key_tag(example_inputs: list, recompute: bool) -> str:
+    """The user's cache-key tag plus what the caches' own keys miss: our ops' bodies, recompute tags, local shapes.
 
     The graph-level caches key on the graph, which names our ops but does not hold their bodies
     (``ops.implementation_fingerprint``), nor the settings that pick a body (``ops.choices_key``);
-    with both in the key, artifacts compiled against other bodies are not served.
+    with both in the key, artifacts compiled against other bodies are not served. Nor do they
+    key on the recompute tags of ``passes.recompute``, which change what the partitioner keeps.
     A DTensor input is keyed by its global shape and placements, but the compiled code
     asserts the local shard's shape, which differs between ranks when a dimension does
     not split evenly (a query matrix of L + 1 rows over two ranks): ranks sharing a
     cache directory would load each other's code (``_local_shapes_key``).
     """
-    key = f"attnres-ops-{ops.implementation_fingerprint()}-{ops.choices_key()}{_local_shapes_key(example_inputs)}"
+    recomputed = f"-recompute-{_recompute_fingerprint()}" if recompute else ""
+    key = f"attnres-ops-{ops.implementation_fingerprint()}{recomputed}-{ops.choices_key()}{_local_shapes_key(example_inputs)}"
     return f"{torch.compiler.config.cache_key_tag} {key}".strip()
+
+
+@functools.cache
+def _recompute_fingerprint() -> str:
+    """A hash of ``passes/recompute.py``, which decides the recompute tags."""
+    import hashlib
+    from .passes import recompute
+
+    return hashlib.sha256(Path(recompute.__file__).read_bytes()).hexdigest()[:16]
 
 
 def _local_shapes_key(example_inputs: list) -> str:
@@ -246,13 +279,17 @@ class AttnResBackend:
     inductor:
         Compile the rewritten graph with Inductor (default). ``False`` runs it
         eagerly: the readable reference that ``verify`` compares against.
+    recompute:
+        Recompute the intra-block partials in the backward (one matrix product
+        of a branch each) instead of keeping them (default; ``passes.recompute``).
 
     ``plans`` lists the plan of every graph this instance rewrote, in compile order.
     """
 
-    def __init__(self, config: Optional[AttnResConfig] = None, *, inductor: bool = True):
+    def __init__(self, config: Optional[AttnResConfig] = None, *, inductor: bool = True, recompute: bool = True):
         self.config = config
         self.inductor = inductor
+        self.recompute = recompute
         self.plans: list[Plan] = []
 
     def __call__(
@@ -265,5 +302,5 @@ class AttnResBackend:
     ) -> Callable:
         return compile_graph(
             gm, example_inputs, self.config, inductor=self.inductor, on_rewrite=self.plans.append,
-            mode=mode, options=options,
+            mode=mode, options=options, recompute=self.recompute,
         )

@@ -312,7 +312,9 @@ def bench_overhead_shape(args, layers: int, d_model: int) -> dict:
     attnres_model = with_random_queries(base, x, config)
     arms = {
         "baseline": make_train_arm(copy.deepcopy(base), CountingBackend(inductor), args.device),
-        "attnres": make_train_arm(attnres_model, CountingBackend(attnres_compile.AttnResBackend()), args.device),
+        "attnres": make_train_arm(
+            attnres_model, CountingBackend(attnres_compile.AttnResBackend(recompute=not args.keep_partials)), args.device
+        ),
     }
     del base
     train = median_interleaved({n: (lambda a=a: train_step(a, x, y, args)) for n, a in arms.items()},
@@ -370,7 +372,8 @@ def overhead_table(args, rows: list[dict]) -> str:
         f"on {args.train_batch} x {args.seq} tokens; prefill = no-grad forward of {args.prefill_batch} x {args.seq} "
         f"tokens; median of {args.timed_steps} interleaved repeats after {args.warmup_steps} warm-up; peak "
         "memory = the arm's weights and AdamW state + the step's own peak allocation; saved = the bytes the "
-        "forward keeps for the backward (`saved_tensors_hooks`).",
+        "forward keeps for the backward (`saved_tensors_hooks`); intra-block partials "
+        + ("kept for the backward (`--keep-partials`)." if args.keep_partials else "recomputed in the backward (default)."),
         "",
         "| layers x d | params | Block AttnRes plan | train step ms (baseline / attnres) | train ratio | "
         "prefill ms (baseline / attnres) | prefill ratio | peak MiB (baseline / attnres) | memory ratio | "
@@ -418,6 +421,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     overhead.add_argument("--amp", choices=("bf16", "none"), default=None, help="autocast (bf16 / none)")
     overhead.add_argument("--warmup-steps", type=int, default=3, help="untimed calls per arm (they compile)")
     overhead.add_argument("--timed-steps", type=int, default=20, help="timed calls per arm (median)")
+    overhead.add_argument("--keep-partials", action="store_true",
+                          help="keep the intra-block partials for the backward instead of recomputing them")
     overhead.add_argument("--write", default=None, help="also write the overhead table to this markdown file")
     args = parser.parse_args(argv)
     args.argv = argv

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from . import reference
+from . import cpu, eager, reference
 
 __all__ = [
     "MERGE_IMPLS",
@@ -90,7 +90,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.cache
 def implementation_fingerprint() -> str:
-    """A hash of this package's sources (the ops' bodies, the reference, the kernels).
+    """A hash of this package's sources (the ops' bodies, the reference, the kernels, Python and C++).
 
     Inductor's FX graph and AOTAutograd caches key on the traced graph, which
     names these ops but does not hold their Python bodies: code compiled
@@ -98,7 +98,7 @@ def implementation_fingerprint() -> str:
     served for these. The backend puts this hash into the caches' key.
     """
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted([*Path(__file__).parent.glob("*.py"), *Path(__file__).parent.glob("*.cpp")]):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -321,61 +321,86 @@ def _check_merge(op: str, o: Tensor, lse: Tensor, partial: Optional[Tensor], que
 # read (the number of sources, the scale, the query row are constants in it),
 # so every layer would add kernels to compile; as an extern call, a model's
 # reads add none, and its compile time stays that of the plain model at any
-# depth.
+# depth. The ops run ``cpu`` (C++ loops, one pass over each token's rows) for
+# fp32 CPU tensors, ``eager`` (the reference's formulas as ATen calls, source
+# by source) otherwise; both are tested against the reference.
+
+
+def _flat_read_backward(
+    impl: ModuleType, grad: Tensor, sources: list[Tensor], query: Tensor, eps: float, scale: float
+) -> list[Tensor]:
+    """``impl.read_backward`` as the op returns it: ``[*grad_sources, grad_query]``."""
+    grad_sources, grad_query = impl.read_backward(grad, sources, query, eps, scale)
+    return [*grad_sources, grad_query]
+
+
+def _flat_block_read_backward(
+    impl: ModuleType, grad_o: Tensor, grad_lse: Tensor, sources: list[Tensor], queries: Tensor, eps: float
+) -> list[Tensor]:
+    """``impl.block_read_backward`` as the op returns it: ``[*grad_sources, grad_queries]``."""
+    grad_sources, grad_queries = impl.block_read_backward(grad_o, grad_lse, sources, queries, eps)
+    return [*grad_sources, grad_queries]
+
+
+def _flat_merge_backward(
+    impl: ModuleType,
+    grad: Tensor,
+    h: Tensor,
+    lse: Tensor,
+    partial: Optional[Tensor],
+    query: Tensor,
+    eps: float,
+    scale: float,
+) -> list[Tensor]:
+    """``impl.merge_backward`` as the op returns it: ``[grad_o, grad_lse, (grad_partial,) grad_query]``."""
+    grads = impl.merge_backward(grad, h, lse, partial, query, eps, scale)  # grad_partial None without a partial
+    return [g for g in grads if g is not None]
+
+
+def _extern(*tensors: Optional[Tensor]) -> ModuleType:
+    """The body of an extern op for these tensors: the CPU kernels (fp32 on CPU) or eager ATen calls."""
+    return cpu if cpu.applies(*tensors) else eager
 
 
 @torch.library.custom_op("attnres::reference_read", mutates_args=())
 def _reference_read(sources: list[Tensor], query: Tensor, eps: float, scale: float) -> Tensor:
-    return reference.read_forward(sources, query, eps, scale)
+    return _extern(*sources, query).read_forward(sources, query, eps, scale)
 
 
-def _flat_read_backward(
+@torch.library.custom_op("attnres::reference_read_backward", mutates_args=())
+def _reference_read_backward(
     grad: Tensor, sources: list[Tensor], query: Tensor, eps: float, scale: float
 ) -> list[Tensor]:
-    """:func:`reference.read_backward` as the op returns it: ``[*grad_sources, grad_query]``."""
-    grad_sources, grad_query = reference.read_backward(grad, sources, query, eps, scale)
-    return [*grad_sources, grad_query]
-
-
-_reference_read_backward = torch.library.custom_op("attnres::reference_read_backward", _flat_read_backward, mutates_args=())
+    return _flat_read_backward(_extern(grad, *sources, query), grad, sources, query, eps, scale)
 
 
 @torch.library.custom_op("attnres::reference_block_read", mutates_args=())
 def _reference_block_read(sources: list[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return reference.block_read_forward(sources, queries, eps)
+    return _extern(*sources, queries).block_read_forward(sources, queries, eps)
 
 
-def _flat_block_read_backward(
+@torch.library.custom_op("attnres::reference_block_read_backward", mutates_args=())
+def _reference_block_read_backward(
     grad_o: Tensor, grad_lse: Tensor, sources: list[Tensor], queries: Tensor, eps: float
 ) -> list[Tensor]:
-    """:func:`reference.block_read_backward` as the op returns it: ``[*grad_sources, grad_queries]``."""
-    grad_sources, grad_queries = reference.block_read_backward(grad_o, grad_lse, sources, queries, eps)
-    return [*grad_sources, grad_queries]
-
-
-_reference_block_read_backward = torch.library.custom_op(
-    "attnres::reference_block_read_backward", _flat_block_read_backward, mutates_args=()
-)
+    impl = _extern(grad_o, grad_lse, *sources, queries)
+    return _flat_block_read_backward(impl, grad_o, grad_lse, sources, queries, eps)
 
 
 @torch.library.custom_op("attnres::reference_merge", mutates_args=())
 def _reference_merge(
     o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
 ) -> Tensor:
-    return reference.merge_forward(o, lse, partial, query, eps, scale)
+    impl = _extern(o, lse, partial, query) if partial is not None else eager
+    return impl.merge_forward(o, lse, partial, query, eps, scale)
 
 
-def _flat_merge_backward(
+@torch.library.custom_op("attnres::reference_merge_backward", mutates_args=())
+def _reference_merge_backward(
     grad: Tensor, h: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
 ) -> list[Tensor]:
-    """:func:`reference.merge_backward` as the op returns it: ``[grad_o, grad_lse, (grad_partial,) grad_query]``."""
-    grads = reference.merge_backward(grad, h, lse, partial, query, eps, scale)  # grad_partial None without a partial
-    return [g for g in grads if g is not None]
-
-
-_reference_merge_backward = torch.library.custom_op(
-    "attnres::reference_merge_backward", _flat_merge_backward, mutates_args=()
-)
+    impl = _extern(grad, h, lse, partial, query) if partial is not None else eager
+    return _flat_merge_backward(impl, grad, h, lse, partial, query, eps, scale)
 
 
 # Fake implementations: shapes and dtypes only. A compile traces each read several times
@@ -447,7 +472,7 @@ def _read_backward(
         grad_sources, grad_query = _triton_kernels().read.read_backward(grad, sources, query, eps, scale)
         return [*grad_sources, grad_query]
     if reference_reads() == "traced":
-        return _flat_read_backward(grad, sources, query, eps, scale)
+        return _flat_read_backward(reference, grad, sources, query, eps, scale)
     return torch.ops.attnres.reference_read_backward(grad, sources, query, eps, scale)
 
 
@@ -494,7 +519,7 @@ def _block_read_backward(
         )
         return [*grad_sources, grad_queries]
     if reference_reads() == "traced":
-        return _flat_block_read_backward(grad_o, grad_lse, sources, queries, eps)
+        return _flat_block_read_backward(reference, grad_o, grad_lse, sources, queries, eps)
     return torch.ops.attnres.reference_block_read_backward(grad_o, grad_lse, sources, queries, eps)
 
 
@@ -553,7 +578,7 @@ def _merge_backward(
     if _use_triton_merge(partial, grad, h, lse, query):
         return list(_triton_kernels().merge.merge_backward(grad, h, lse, partial, query, eps, scale))
     if _traced_merge(partial, grad, h, lse, query):
-        return _flat_merge_backward(grad, h, lse, partial, query, eps, scale)
+        return _flat_merge_backward(reference, grad, h, lse, partial, query, eps, scale)
     return torch.ops.attnres.reference_merge_backward(grad, h, lse, partial, query, eps, scale)
 
 

@@ -65,6 +65,7 @@ def test_built_wheel_holds_only_attnres_compile_and_imports(tmp_path):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"attnres_compile"}
     assert "attnres_compile/kernels/ops.py" in names and "attnres_compile/passes/detect.py" in names
     assert "attnres_compile/report/diff.css" in names
+    assert "attnres_compile/kernels/cpu_reads.cpp" in names  # the CPU read kernels build from it on first use
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[torch_dynamo_backends]" in entry_points and "attnres = attnres_compile.backend:attnres_backend" in entry_points
     subprocess.run(

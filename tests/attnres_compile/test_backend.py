@@ -169,11 +169,15 @@ def cache_key_tags(monkeypatch) -> list:
 
 def test_the_compile_caches_key_on_our_ops_sources(cache_key_tags):
     """Inductor's graph caches key on the graph, not on our ops' bodies: the backend adds their hash."""
+    from attnres_compile.backend import _recompute_fingerprint
     from attnres_compile.kernels import ops
 
     model, args, _ = tiny_gpt()
     torch.compile(model, backend="attnres")(*args)
-    assert cache_key_tags == [f"attnres-ops-{ops.implementation_fingerprint()}-merge=triton,reference_reads=extern"]
+    recompute = f"recompute-{_recompute_fingerprint()}"  # the recompute tags, which the graph's key does not see
+    assert cache_key_tags == [
+        f"attnres-ops-{ops.implementation_fingerprint()}-{recompute}-merge=triton,reference_reads=extern"
+    ]
     assert torch.compiler.config.cache_key_tag == ""  # only while our graph compiles
 
 

@@ -22,7 +22,7 @@ from attnres_compile.passes.graph import parameter_nodes
 from attnres_compile.config import AttnResConfig
 from attnres_compile.passes.pipeline import apply_plan, plan_graph
 from attnres_compile.passes.reads import ROLES, tag_of
-from fx_models import D, Mlp, ParallelStack, RMSNorm, capture, x_input  # tests/support
+from fx_models import D, Mlp, ParallelStack, RMSNorm, capture, rewritten, x_input, zero_queries  # tests/support
 
 OPS = torch.ops.attnres
 
@@ -69,31 +69,6 @@ class EmbeddingLM(nn.Module):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def rewritten(model, *args, scale="count", **config):
-    """Capture, plan and rewrite ``model``; the queries become the graph's *first* input.
-
-    Returns ``(gm, example_inputs, plan, original_graph_code)``; call ``gm(queries, *example_inputs)``.
-    The queries placeholder goes first because the rewrite emits a stream's
-    first read right after ``b_0``: when ``b_0`` is itself a graph input, a
-    query node defined later would be used before it is defined.
-    """
-    gm, example_inputs = capture(model, *args)
-    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), **AttnResConfig(scale=scale, **config).plan_options)
-    assert len(plan.streams) == 1, plan.summary()
-    first = next(iter(gm.graph.nodes))
-    with gm.graph.inserting_before(first):
-        queries = gm.graph.placeholder("attnres_queries")
-    stream = plan.streams[0]
-    queries.meta["example_value"] = torch.zeros(stream.num_queries, stream.width)
-    original = gm.code
-    apply_plan(gm, plan, [queries], scale)
-    return gm, example_inputs, plan, original
-
-
-def zero_queries(plan):
-    return torch.zeros(plan.streams[0].num_queries, plan.streams[0].width)
 
 
 def calls(gm, op):

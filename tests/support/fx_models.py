@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnres_compile.config import AttnResConfig
+from attnres_compile.passes.graph import parameter_nodes
+from attnres_compile.passes.pipeline import apply_plan, plan_graph
+
 D = 16
 
 
@@ -86,3 +90,28 @@ class ParallelStack(nn.Module):
         """The summed branch of layer ``i`` applied to the value it reads (for oracles)."""
         h = self.norms[i](h)
         return self.attn[i](h) + self.mlp[i](h)
+
+
+def rewritten(model, *args, scale="count", **config):
+    """Capture, plan and rewrite ``model``; the queries become the graph's *first* input.
+
+    Returns ``(gm, example_inputs, plan, original_graph_code)``; call ``gm(queries, *example_inputs)``.
+    The queries placeholder goes first because the rewrite emits a stream's
+    first read right after ``b_0``: when ``b_0`` is itself a graph input, a
+    query node defined later would be used before it is defined.
+    """
+    gm, example_inputs = capture(model, *args)
+    plan = plan_graph(gm.graph, parameter_nodes(gm, example_inputs), **AttnResConfig(scale=scale, **config).plan_options)
+    assert len(plan.streams) == 1, plan.summary()
+    first = next(iter(gm.graph.nodes))
+    with gm.graph.inserting_before(first):
+        queries = gm.graph.placeholder("attnres_queries")
+    stream = plan.streams[0]
+    queries.meta["example_value"] = torch.zeros(stream.num_queries, stream.width)
+    original = gm.code
+    apply_plan(gm, plan, [queries], scale)
+    return gm, example_inputs, plan, original
+
+
+def zero_queries(plan):
+    return torch.zeros(plan.streams[0].num_queries, plan.streams[0].width)
