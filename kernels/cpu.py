@@ -78,6 +78,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.tmp")
         command = [*shlex.split(compiler), *flags, str(SOURCE), "-o", str(partial)]
+        log.info("attnres: building the CPU read kernels (once per cache directory): %s", shlex.join(command))
         subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(partial, target)  # atomic: a concurrent process loads a whole file or builds its own
     return target

@@ -34,10 +34,12 @@ Which path a body takes (decided from dtypes and devices only, so it traces):
 - the same kernels under the Triton interpreter for real (not fake) tensors on
   any device when the process runs with ``TRITON_INTERPRET=1`` (set before this
   package is imported): that is how the CPU tests exercise them;
-- the PyTorch reference (``reference``) otherwise -- CPU, fp64, a missing
-  Triton, empty tensors -- run eagerly inside an ``attnres::reference_*`` op
-  (see the section on them below for why it is opaque to the compiler), or
-  traced for Inductor to fuse (:func:`reference_reads`).
+- the reference math otherwise -- CPU, fp64, a missing Triton, empty
+  tensors -- inside an ``attnres::reference_*`` op that is opaque to the
+  compiler (see the section on them below for why), which runs the C++
+  kernels of ``cpu`` for fp32 on CPU and the ATen calls of ``eager`` for the
+  rest; or ``reference`` itself, traced for Inductor to fuse
+  (:func:`reference_reads`).
 
 Phase 2 (``attnres::merge`` and its backward) can instead stay on aten ops on
 CUDA, traced so that Inductor fuses them with the add that forms the partial.

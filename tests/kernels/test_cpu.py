@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnres_compile.kernels import cpu, ops, reference as ref
+from read_cases import assert_reads_close, read_case
 
 EPS = 1e-6
 TOL = 2e-5  # fp32 sums in another order than the reference's
@@ -18,66 +19,51 @@ layouts = st.sampled_from([(7,), (5, 7), (2, 3, 33), (3, 64)])  # [d] alone, [T,
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C++ compiler for the CPU read kernels")
 
 
-def _case(shape, n, s, seed):
-    gen = torch.Generator().manual_seed(seed)
-    sources = [torch.randn(shape, generator=gen) for _ in range(n)]
-    queries = torch.randn(s, shape[-1], generator=gen)
-    grad_o = torch.randn(s, *shape, generator=gen)
-    grad_lse = torch.randn(s, *shape[:-1], generator=gen)
-    return sources, queries, grad_o, grad_lse
-
-
-def _close(got, want, tol=TOL):
-    if isinstance(want, (list, tuple)):
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            _close(g, w, tol)
-    else:
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+def _close_fp32(got, want):
+    assert_reads_close(got, want, TOL)
 
 
 @settings(max_examples=40, deadline=None)
 @given(shape=layouts, n=st.integers(1, 9), s=st.integers(1, 4), seed=st.integers(0, 2**16),
        with_grad_o=st.booleans(), with_grad_lse=st.booleans())
 def test_block_read_matches_reference(shape, n, s, seed, with_grad_o, with_grad_lse):
-    sources, queries, grad_o, grad_lse = _case(shape, n, s, seed)
-    _close(cpu.block_read_forward(sources, queries, EPS), ref.block_read_forward(sources, queries, EPS))
+    sources, queries, grad_o, grad_lse = read_case(shape, n, s, seed)
+    _close_fp32(cpu.block_read_forward(sources, queries, EPS), ref.block_read_forward(sources, queries, EPS))
     args = (grad_o if with_grad_o else None, grad_lse if with_grad_lse else None, sources, queries, EPS)
-    _close(cpu.block_read_backward(*args), ref.block_read_backward(*args))
+    _close_fp32(cpu.block_read_backward(*args), ref.block_read_backward(*args))
 
 
 @settings(max_examples=30, deadline=None)
 @given(shape=layouts, n=st.integers(1, 9), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 3.0]))
 def test_read_matches_reference(shape, n, seed, scale):
-    sources, queries, grad_o, _ = _case(shape, n, 1, seed)
+    sources, queries, grad_o, _ = read_case(shape, n, 1, seed)
     query, grad = queries[0], grad_o[0]
-    _close(cpu.read_forward(sources, query, EPS, scale), ref.read_forward(sources, query, EPS, scale))
-    _close(cpu.read_backward(grad, sources, query, EPS, scale), ref.read_backward(grad, sources, query, EPS, scale))
+    _close_fp32(cpu.read_forward(sources, query, EPS, scale), ref.read_forward(sources, query, EPS, scale))
+    _close_fp32(cpu.read_backward(grad, sources, query, EPS, scale), ref.read_backward(grad, sources, query, EPS, scale))
 
 
 @settings(max_examples=30, deadline=None)
 @given(shape=layouts, seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 2.0]))
 def test_merge_matches_reference(shape, seed, scale):
-    (o, partial), queries, grad_o, grad_lse = _case(shape, 2, 1, seed)
+    (o, partial), queries, grad_o, grad_lse = read_case(shape, 2, 1, seed)
     lse, query = grad_lse[0], queries[0]
     h = ref.merge_forward(o, lse, partial, query, EPS, scale)
-    _close(cpu.merge_forward(o, lse, partial, query, EPS, scale), h)
-    _close(cpu.merge_backward(grad_o[0], h, lse, partial, query, EPS, scale),
+    _close_fp32(cpu.merge_forward(o, lse, partial, query, EPS, scale), h)
+    _close_fp32(cpu.merge_backward(grad_o[0], h, lse, partial, query, EPS, scale),
            ref.merge_backward(grad_o[0], h, lse, partial, query, EPS, scale))
 
 
 def test_strided_inputs():
     """Views that are not contiguous (a transposed source, an expanded gradient) read what they show."""
-    sources, queries, grad_o, grad_lse = _case((6, 16), 3, 2, seed=2)
+    sources, queries, grad_o, grad_lse = read_case((6, 16), 3, 2, seed=2)
     strided = [v.t().contiguous().t() for v in sources]
     expanded = torch.randn(16).expand(2, 6, 16)
     want = ref.block_read_backward(expanded, grad_lse, sources, queries, EPS)
-    _close(cpu.block_read_backward(expanded, grad_lse, strided, queries.t().contiguous().t(), EPS), want)
+    _close_fp32(cpu.block_read_backward(expanded, grad_lse, strided, queries.t().contiguous().t(), EPS), want)
 
 
 def test_threads_split_tokens_and_sum_the_query_gradient():
-    sources, queries, grad_o, grad_lse = _case((2, 37, 16), 4, 3, seed=3)
+    sources, queries, grad_o, grad_lse = read_case((2, 37, 16), 4, 3, seed=3)
     want = ref.block_read_backward(grad_o, grad_lse, sources, queries, EPS)
     threads = torch.get_num_threads()
     try:
@@ -85,7 +71,7 @@ def test_threads_split_tokens_and_sum_the_query_gradient():
         got = cpu.block_read_backward(grad_o, grad_lse, sources, queries, EPS)
     finally:
         torch.set_num_threads(threads)
-    _close(got, want)
+    _close_fp32(got, want)
 
 
 def test_applies_to_fp32_cpu_tensors_only():
@@ -97,7 +83,7 @@ def test_applies_to_fp32_cpu_tensors_only():
 
 
 def test_the_extern_ops_run_the_kernels_where_they_apply(monkeypatch):
-    sources, queries, _, _ = _case((4, 8), 2, 2, seed=4)
+    sources, queries, _, _ = read_case((4, 8), 2, 2, seed=4)
     calls = []
     real = cpu.block_read_forward
     monkeypatch.setattr(cpu, "block_read_forward", lambda *a: calls.append(a) or real(*a))
@@ -114,10 +100,10 @@ def test_a_missing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, tmp_
         with caplog.at_level(logging.WARNING):
             assert cpu.library() is None
             assert not cpu.applies(torch.randn(2, 4))
-            sources, queries, _, _ = _case((4, 8), 2, 2, seed=5)
+            sources, queries, _, _ = read_case((4, 8), 2, 2, seed=5)
             o, _ = torch.ops.attnres.reference_block_read(sources, queries, EPS)
         assert "could not be built" in caplog.text and "no-such-compiler" in caplog.text
-        _close(o, ref.block_read_forward(sources, queries, EPS)[0])
+        _close_fp32(o, ref.block_read_forward(sources, queries, EPS)[0])
     finally:
         cpu.library.cache_clear()
     assert ops.cpu is cpu
