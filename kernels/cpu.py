@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import eager
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_reads.cpp")
@@ -193,12 +195,16 @@ def read_backward(
 
 
 # --------------------------------------------------------------------------
-# Phase 2 (with a partial; without one it is ``scale * o``, left to eager)
+# Phase 2 (without a partial it is ``scale * o``, one ATen call: ``eager``'s)
 # --------------------------------------------------------------------------
 
 
-def merge_forward(o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float, scale: float) -> Tensor:
-    """:func:`.reference.merge_forward` with a partial: ``h [..., d]``."""
+def merge_forward(
+    o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
+) -> Tensor:
+    """:func:`.reference.merge_forward`: ``h [..., d]``."""
+    if partial is None:
+        return eager.merge_forward(o, lse, None, query, eps, scale)
     o_rows, p_rows, lse_c, w = _rows(o), _rows(partial), lse.contiguous(), query.contiguous()
     h = torch.empty_like(o_rows)
     library().attnres_merge_forward(
@@ -209,9 +215,11 @@ def merge_forward(o: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: f
 
 
 def merge_backward(
-    grad_h: Tensor, h: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float, scale: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`.reference.merge_backward` with a partial: ``(grad_o, grad_lse, grad_partial, grad_query)``."""
+    grad_h: Tensor, h: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
+) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """:func:`.reference.merge_backward`: ``(grad_o, grad_lse, grad_partial, grad_query)``."""
+    if partial is None:
+        return eager.merge_backward(grad_h, h, lse, None, query, eps, scale)
     g, h_rows, p_rows, lse_c, w = _rows(grad_h), _rows(h), _rows(partial), lse.contiguous(), query.contiguous()
     grad_o, grad_p, grad_lse = torch.empty_like(g), torch.empty_like(g), torch.empty_like(lse_c)
     parts = w.new_zeros((_threads(), w.shape[0]))

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference import _outside_autocast, compute_dtype
+from .reference import _inv_rms, _outside_autocast, compute_dtype
 
 __all__ = [
     "block_read_backward",
@@ -50,12 +50,6 @@ def _flat(v: Tensor, dtype: torch.dtype) -> Tensor:
     return v.to(dtype).reshape(_tokens(v), v.shape[-1])
 
 
-def _inv_rms(v: Tensor, eps: float) -> Tensor:
-    """``r = rsqrt(mean(v ** 2, -1) + eps)`` of ``v [T, d]``, as ``[T, 1]``; one read of ``v``."""
-    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    return torch.rsqrt(norm.square() / v.shape[-1] + eps)
-
-
 def _row_dot(x: Tensor, y: Tensor) -> Tensor:
     """Per-token dot products ``[T, 1]`` of ``x, y [T, d]``."""
     return (x * y).sum(-1, keepdim=True)
@@ -63,8 +57,7 @@ def _row_dot(x: Tensor, y: Tensor) -> Tensor:
 
 def _scores(vs: Sequence[Tensor], w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``s [T, N, S]`` (``s_iq = r_i (w_q . v_i)``) and ``r [T, N, 1]`` of the sources ``vs [T, d]``."""
-    norms = torch.stack([torch.linalg.vector_norm(v, dim=-1, keepdim=True) for v in vs], dim=1)  # [T, N, 1]
-    r = torch.rsqrt(norms.square() / vs[0].shape[-1] + eps)
+    r = torch.stack([_inv_rms(v, eps) for v in vs], dim=1)  # [T, N, 1]
     return torch.stack([v @ w.t() for v in vs], dim=1) * r, r
 
 

@@ -393,16 +393,14 @@ def _reference_block_read_backward(
 def _reference_merge(
     o: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
 ) -> Tensor:
-    impl = _extern(o, lse, partial, query) if partial is not None else eager
-    return impl.merge_forward(o, lse, partial, query, eps, scale)
+    return _extern(o, lse, partial, query).merge_forward(o, lse, partial, query, eps, scale)
 
 
 @torch.library.custom_op("attnres::reference_merge_backward", mutates_args=())
 def _reference_merge_backward(
     grad: Tensor, h: Tensor, lse: Tensor, partial: Optional[Tensor], query: Tensor, eps: float, scale: float
 ) -> list[Tensor]:
-    impl = _extern(grad, h, lse, partial, query) if partial is not None else eager
-    return _flat_merge_backward(impl, grad, h, lse, partial, query, eps, scale)
+    return _flat_merge_backward(_extern(grad, h, lse, partial, query), grad, h, lse, partial, query, eps, scale)
 
 
 # Fake implementations: shapes and dtypes only. A compile traces each read several times
