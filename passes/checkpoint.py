@@ -73,7 +73,7 @@ def closed_checkpointed_regions(gm: fx.GraphModule) -> list[tuple[str, str]]:
     return [(n.name, why_closed(gm, n) or "not opened") for n in gm.graph.nodes if _is_region(n)]
 
 
-def _new_region_id() -> int:
+def new_region_id() -> int:
     """An ``ac_graph_id`` from the counter AOTAutograd draws its own from, so ids never collide."""
     from torch._higher_order_ops import wrap
 
@@ -84,7 +84,7 @@ def _region_tags(gm: fx.GraphModule, region: fx.Node) -> dict[str, Any]:
     """The meta every node inlined from ``region`` gets: a recompute tag, or for a selective region its id."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    region_id = _new_region_id()
+    region_id = new_region_id()
     context_fn = _body(gm, region).meta.get(_POLICY_KEY)
     if context_fn is None:
         return {"recompute": CheckpointPolicy.PREFER_RECOMPUTE, "ac_graph_id": region_id}

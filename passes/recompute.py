@@ -18,8 +18,8 @@ where it is no larger than ``[T, d] x [d, d]`` (an attention output
 projection; an MLP's down projection, ``[T, 4d] x [4d, d]``, is kept).
 
 A partial is left kept (and counted) when its chain holds anything but a
-matrix product, the views, casts and adds of the partial sum and identity
-dropouts: a random op (a dropout that drops) would recompute a different
+matrix product, the views, casts, adds and multiplies of the partial sum and
+dropouts that drop nothing (``ir.canonical_op`` names them in both IRs): a random op (a dropout that drops) would recompute a different
 mask, a collective (a DTensor value, tensor parallelism) would communicate
 again, and a branch that is a sum of products (experts) would cost more than
 it saves.
@@ -37,24 +37,24 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .checkpoint import new_region_id
 from .graph import tensor_value
+from .ir import canonical_op, data_inputs, mutated_operand
 
 aten = torch.ops.aten
 
 _MATMULS = {
-    torch._C._nn.linear, torch.matmul, operator.matmul, torch.mm, torch.addmm, torch.bmm,
+    torch._C._nn.linear, torch.matmul, operator.matmul, torch.mm, torch.addmm, torch.bmm, "matmul", "__matmul__",
     aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default, aten.bmm.default,
 }
-"""A branch's last matrix product: where a recomputed chain starts."""
+"""A branch's last matrix product (a function, or the name of a tensor method): where a recomputed chain starts."""
 
-_PASS_THROUGH = {
-    operator.add, torch.add, aten.add.Tensor,  # the partial sum, a bias added after the product
-    operator.mul, torch.mul, aten.mul.Tensor,  # LayerScale, a residual multiplier
-    aten._to_copy.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-    torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float,
-    torch.Tensor.type_as,
-}
-"""Ops a chain may pass through from the products to the partial: cheap, and none of them random or collective."""
+_PASS_THROUGH = ("add", "mul", "cast")
+"""Canonical ops (``ir.canonical_op``) a chain may pass through from the products to the partial: the
+partial sum and a bias (add), LayerScale or a residual multiplier (mul), casts, views and dropouts that
+drop nothing (cast); cheap, and none of them collective."""
+
+_DROPOUTS = (F.dropout, torch.dropout, aten.dropout.default)
 
 _MERGE = torch.ops.attnres.merge.default
 
@@ -67,13 +67,23 @@ class RecomputeReport:
     kept: tuple[tuple[str, str], ...]
 
 
-def _is_identity_dropout(node: fx.Node) -> bool:
-    """``F.dropout(x, p, training)`` that drops nothing: ``p == 0`` or not training."""
-    if node.target is not F.dropout:
+def _drops(node: fx.Node) -> bool:
+    """A dropout that may drop (``p > 0`` while training): recomputed, it would draw another mask."""
+    if node.target not in _DROPOUTS:
         return False
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-    return p == 0 or training is False
+    default_training = node.args[2] if len(node.args) > 2 else True
+    training = node.kwargs.get("training", node.kwargs.get("train", default_training))
+    return not (p == 0 or training is False)
+
+
+def _is_product(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False
+    try:
+        return node.target in _MATMULS
+    except TypeError:  # an unhashable target
+        return False
 
 
 def _costlier_than_kept(product: fx.Node) -> Optional[str]:
@@ -94,10 +104,6 @@ def _costlier_than_kept(product: fx.Node) -> Optional[str]:
     return None
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if tensor_value(a) is not None]
-
-
 def _chain_to_products(partial: fx.Node) -> tuple[Optional[list[fx.Node]], str]:
     """The nodes from the branches' last matrix products to ``partial``, or None and why not."""
     chain: list[fx.Node] = []
@@ -109,19 +115,17 @@ def _chain_to_products(partial: fx.Node) -> tuple[Optional[list[fx.Node]], str]:
         seen.add(node)
         if node.op in ("placeholder", "get_attr"):
             continue  # a parameter or an input: there in the backward without being kept
-        if node.op != "call_function":
-            return None, f"{node.name} is a {node.op}, not a branch's matrix product"
         if is_traceable_wrapper_subclass(tensor_value(node)):
             return None, f"{node.name} is a tensor subclass (a DTensor): recomputing it could communicate again"
         chain.append(node)
-        if node.target in _MATMULS:
+        if _is_product(node):
             if (why := _costlier_than_kept(node)) is not None:
                 return None, why
             continue  # its inputs are kept for the weight gradient anyway
-        if node.target in _PASS_THROUGH or _is_identity_dropout(node):
-            pending.extend(_tensor_inputs(node) if node.target is not F.dropout else node.args[:1])
+        if canonical_op(node) in _PASS_THROUGH and not _drops(node) and mutated_operand(node) is None:
+            pending.extend(u for u in data_inputs(node) if tensor_value(u) is not None)
             continue
-        return None, f"{node.name} ({getattr(node.target, '__name__', node.target)}) is neither a matrix product nor a view, cast or add"
+        return None, f"{node.name} ({getattr(node.target, '__name__', node.target)}) is neither a matrix product nor a view, cast, add or multiply"
     return chain, ""
 
 
@@ -131,8 +135,6 @@ def recompute_partials(graph: fx.Graph) -> RecomputeReport:
     A node that already carries a recompute tag (an opened checkpointed region)
     keeps it. Returns which partials were tagged and which are kept.
     """
-    from torch._higher_order_ops import wrap  # the counter AOTAutograd draws region ids from
-
     recomputed, kept = [], []
     for merge in graph.find_nodes(op="call_function", target=_MERGE):
         partial = merge.args[2]
@@ -142,7 +144,7 @@ def recompute_partials(graph: fx.Graph) -> RecomputeReport:
         if chain is None:
             kept.append((partial.name, why))
             continue
-        region = next(wrap.uid)
+        region = new_region_id()
         for node in chain:
             if "recompute" not in node.meta:
                 node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE

@@ -50,6 +50,22 @@ def test_partials_one_product_away_are_tagged_from_the_product_on():
     assert not ids & tagged  # the reads themselves are not recomputed
 
 
+class CastLayers(Layers):
+    """The branch output cast back to the stream's dtype by a tensor method (a ``call_method`` node)."""
+
+    def forward(self, x):
+        for norm, inp, out in zip(self.norms, self.inp, self.out):
+            x = x + out(F.gelu(inp(norm(x)))).to(x.dtype)
+        return x
+
+
+def test_casts_in_either_form_are_passed_through():
+    gm, *_ = rewritten(CastLayers(n=4), torch.randn(2, 5, D), block_size=2)
+    assert any(n.op == "call_method" and n.target == "to" for n in gm.graph.nodes)
+    report = recompute_partials(gm.graph)
+    assert len(report.recomputed) == 2 and not report.kept
+
+
 def test_a_wide_product_is_kept_and_says_why():
     gm, *_ = rewritten(Layers(n=4, hidden=4 * D), torch.randn(2, 5, D), block_size=2)
     report = recompute_partials(gm.graph)
